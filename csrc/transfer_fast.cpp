@@ -1,0 +1,23 @@
+// Every op schema of transfer_fast, and the bare module init that lets
+// `import transfer_fast._C` load this library (registration happens at load).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// No Python functions live here: the ops are reached through torch.ops.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(transfer_fast, m) {
+  // anchors: A sets of `num_tensors` tensors, flattened set-major
+  //          ([set0_t0, set0_t1, ..., set1_t0, ...]); targets: K sets likewise.
+  // Returns float64 (A, K, num_tensors, 5): per (anchor, target, tensor)
+  // sum|a-b|, sum (a-b)^2, sum a*b, sum a^2, sum b^2.
+  m.def(
+      "multi_tensor_distance(Tensor[] anchors, Tensor[] targets, "
+      "int num_tensors) -> Tensor");
+}

@@ -1,0 +1,37 @@
+"""transfer_fast: how transferable is a pre-trained network, layer by layer, fast.
+
+T = D(θr, θB) / D(θA, θB) per layer (Chen et al., "Rethinking Two Consensuses of
+the Transferability in Deep Learning"), from one fused pass over the parameters.
+"""
+
+from .checkpoints import load_state
+from .errors import TransferFastError
+from .layers import PRESETS, Plan, make_plan
+from .ops import BACKENDS, backend_status, multi_tensor_distance
+from .transferability import (
+    METRICS,
+    LayerDistances,
+    TransferabilityResult,
+    layer_distances,
+    transferability,
+    transferability_from_states,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "METRICS",
+    "PRESETS",
+    "LayerDistances",
+    "Plan",
+    "TransferFastError",
+    "TransferabilityResult",
+    "backend_status",
+    "layer_distances",
+    "load_state",
+    "make_plan",
+    "multi_tensor_distance",
+    "transferability",
+    "transferability_from_states",
+]

@@ -1,0 +1,105 @@
+"""`transfer-fast` / `python -m transfer_fast`: measure, info, demo."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+from .errors import TransferFastError
+
+
+def _cmd_measure(args) -> int:
+    from . import report
+    from .transferability import transferability
+
+    result = transferability(args.random, args.pretrained, args.finetuned, preset=args.preset,
+                             metric=args.metric, backend=args.backend)
+    print(report.format_table(result))
+    for path, write in ((args.json, report.write_json), (args.csv, report.write_csv),
+                        (args.plot, report.plot)):
+        if path:
+            try:
+                write(result, path)
+            except OSError as exc:
+                raise TransferFastError(f"{path}: cannot write ({exc.strerror})") from exc
+            print(f"wrote {path}")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    import torch
+
+    from . import __version__, _ext, ops
+
+    build = _ext.build_info()
+    print(f"transfer_fast {__version__}")
+    print(f"python        {platform.python_version()}")
+    print(f"torch         {torch.__version__} (CUDA {torch.version.cuda or 'none'}, "
+          f"GPU {'present' if torch.cuda.is_available() else 'absent'})")
+    print(f"compiled      {'loaded' if _ext.loaded else 'not loaded: ' + _ext.reason}")
+    if build:
+        print(f"built with    torch {build['torch']}, CPU vectors {build['cpu_isa']}, CUDA "
+              f"{'archs ' + str(build['cuda_archs']) if build['cuda'] else 'no'} "
+              f"({build['cuda_reason']})")
+    for name, state in ops.backend_status().items():
+        print(f"backend {name:<6}{state}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, seed=args.seed, backend=args.backend)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .layers import PRESETS
+    from .ops import BACKENDS
+    from .transferability import METRICS
+
+    parser = argparse.ArgumentParser(
+        prog="transfer-fast",
+        description="Layer-wise transferability T = D(random, finetuned) / "
+                    "D(pretrained, finetuned) of pre-trained networks.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("measure", help="T per layer group for one fine-tuned checkpoint")
+    m.add_argument("-r", "--random", required=True, help="random init θr (.pt/.pth/.safetensors)")
+    m.add_argument("-a", "--pretrained", required=True, help="pre-trained θA")
+    m.add_argument("-b", "--finetuned", required=True, help="fine-tuned θB")
+    m.add_argument("--preset", default="auto", choices=PRESETS,
+                   help="tensor selection and grouping; 'paper' = the authors' script")
+    m.add_argument("--metric", default="l1_mean", choices=tuple(METRICS))
+    m.add_argument("--backend", default="auto", choices=BACKENDS)
+    m.add_argument("--json", help="write the result as JSON")
+    m.add_argument("--csv", help="write the per-group table as CSV")
+    m.add_argument("--plot", help="write a PNG of T per group")
+    m.set_defaults(func=_cmd_measure)
+
+    i = sub.add_parser("info", help="versions, available backends, built architectures")
+    i.set_defaults(func=_cmd_info)
+
+    d = sub.add_parser("demo", help="pre-train and fine-tune a small CNN on digits, measure T")
+    d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--backend", default="auto", choices=BACKENDS)
+    d.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (TransferFastError, RuntimeError) as exc:
+        if args.debug:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"transfer-fast: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("transfer-fast: interrupted", file=sys.stderr)
+        return 130

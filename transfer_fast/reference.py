@@ -1,0 +1,41 @@
+"""Pure-torch versions of every op: the fallback when no kernel applies, and the test oracle.
+
+Written for clarity, not speed: each sum is computed in float64 from the inputs
+widened to float64, so it is as exact as the kernels can hope to be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+# Column order of the last dimension, shared with csrc/common/distance_sums.h.
+SUM_NAMES = ("abs_diff", "sq_diff", "dot", "anchor_sq", "target_sq")
+
+
+def multi_tensor_distance(
+    anchors: Sequence[Sequence[torch.Tensor]], targets: Sequence[Sequence[torch.Tensor]]
+) -> torch.Tensor:
+    """Per (anchor set, target set, tensor): sum|a-b|, sum (a-b)^2, sum a*b, sum a^2, sum b^2.
+
+    anchors: A sets of T tensors; targets: K sets of the same T shapes.
+    Returns float64 (A, K, T, 5) on the device of the first tensor (CPU if none).
+    """
+    num_tensors = len(anchors[0]) if anchors else 0
+    device = anchors[0][0].device if num_tensors else torch.device("cpu")
+    out = torch.zeros(len(anchors), len(targets), num_tensors, 5, dtype=torch.float64,
+                      device=device)
+    for t in range(num_tensors):
+        for i, anchor_set in enumerate(anchors):
+            a = anchor_set[t].detach().reshape(-1).to(device, torch.float64)
+            for k, target_set in enumerate(targets):
+                b = target_set[t].detach().reshape(-1).to(device, torch.float64)
+                if a.numel() != b.numel():
+                    raise ValueError(f"tensor {t}: anchor set {i} has shape "
+                                     f"{tuple(anchor_set[t].shape)}, target set {k} has "
+                                     f"{tuple(target_set[t].shape)}")
+                d = a - b
+                out[i, k, t] = torch.stack([d.abs().sum(), (d * d).sum(), (a * b).sum(),
+                                            (a * a).sum(), (b * b).sum()])
+    return out
