@@ -50,7 +50,7 @@ def _cmd_info(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, seed=args.seed, backend=args.backend)
+    run_demo(args.out, seed=args.seed, epochs=args.epochs, backend=args.backend)
     return 0
 
 
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="pre-train and fine-tune a small CNN on digits, measure T")
     d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--epochs", type=int, default=30, help="epochs of each training stage")
     d.add_argument("--backend", default="auto", choices=BACKENDS)
     d.set_defaults(func=_cmd_demo)
     return parser

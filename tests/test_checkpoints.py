@@ -1,0 +1,98 @@
+"""load_state: formats, wrappers, and refusing what must not be loaded."""
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from transfer_fast import TransferFastError, load_state
+
+
+@pytest.fixture
+def state():
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).state_dict()
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin"])
+def test_torch_formats_and_wrappers(tmp_path, state, suffix):
+    for wrapped in (state, {"state_dict": state, "epoch": 3}, {"model": state},
+                    {f"module.{k}": v for k, v in state.items()}):
+        path = tmp_path / f"m{suffix}"
+        torch.save(wrapped, path)
+        loaded = load_state(path)
+        assert list(loaded) == list(state)
+        assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_legacy_non_zip_checkpoint_loads(tmp_path, state):
+    path = tmp_path / "old.pt"
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    assert torch.equal(load_state(path)["0.weight"], state["0.weight"])
+
+
+def test_safetensors_module_and_mapping(tmp_path, state):
+    save_file(dict(state), str(tmp_path / "m.safetensors"))
+    assert torch.equal(load_state(tmp_path / "m.safetensors")["0.bias"], state["0.bias"])
+    net = nn.Linear(2, 2)
+    assert torch.equal(load_state(net)["weight"], net.weight)
+    assert list(load_state({"x": torch.ones(2), "note": "text"})) == ["x"]
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(TransferFastError, match="nope.pt: file not found"):
+        load_state(tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_truncated_file_is_named(tmp_path, state, suffix):
+    path = tmp_path / f"m{suffix}"
+    if suffix == ".pt":
+        torch.save(state, path)
+    else:
+        save_file(dict(state), str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TransferFastError, match=f"m{suffix}: unreadable or truncated"):
+        load_state(path)
+
+
+def test_garbage_file(tmp_path):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(TransferFastError, match="junk.pt"):
+        load_state(path)
+
+
+class _Payload:
+    """Unpickling this would run code: it must never happen."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_needing_arbitrary_unpickling_is_refused_unrun(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.ones(2), "payload": _Payload(str(marker))}, path)
+    with pytest.raises(TransferFastError, match="evil.pt: refused"):
+        load_state(path)
+    assert not marker.exists()
+    plain = tmp_path / "evil_plain.pkl"
+    plain.write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(TransferFastError, match="refused|unreadable"):
+        load_state(plain)
+    assert not marker.exists()
+
+
+def test_no_tensors_and_wrong_types(tmp_path):
+    path = tmp_path / "empty.pt"
+    torch.save({"epoch": 1}, path)
+    with pytest.raises(TransferFastError, match="empty.pt: holds no tensors"):
+        load_state(path)
+    with pytest.raises(TransferFastError, match="cannot load parameters from a int"):
+        load_state(3)
