@@ -24,13 +24,20 @@ $(BUILT): $(DEPS) setup.py pyproject.toml $(SOURCES)
 
 build: $(BUILT)
 
-# The CUDA kernels need only CUDA headers, so nvcc checks them even where torch has no CUDA.
-nvcc-check:
+# The CUDA kernels need only CUDA headers, so nvcc checks them even where torch has no
+# CUDA; the torch glue is syntax-checked against torch's headers plus the toolkit's.
+nvcc-check: $(DEPS)
 	@if command -v nvcc >/dev/null 2>&1; then \
 		for f in csrc/cuda/*.cu; do for arch in $(CUDA_ARCHS); do \
 			echo "nvcc -c -arch=$$arch $$f"; \
 			nvcc -c -arch=$$arch -O3 -o /tmp/transfer_fast_$$arch.o $$f || exit 1; \
 		done; done; \
+		inc=$$($(PY) -c "import torch.utils.cpp_extension as c, sysconfig; \
+			dirs = c.include_paths() + [sysconfig.get_paths()['include'], \
+			(c.CUDA_HOME or '/usr/local/cuda') + '/include']; print(' '.join('-I' + d for d in dirs))"); \
+		for f in csrc/cuda/*.cpp; do echo "g++ -fsyntax-only $$f"; \
+			g++ -std=c++20 -fsyntax-only -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE $$inc $$f || exit 1; \
+		done; \
 	else echo "nvcc not found: CUDA sources not compiled"; fi
 
 lint: $(DEPS)
