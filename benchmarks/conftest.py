@@ -39,13 +39,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _selected(states: tuple[dict, dict, dict]) -> list[list[torch.Tensor]]:
-    """The tensors the default plan compares: learned float tensors, no BN statistics."""
-    plan = transfer_fast.make_plan(list(states), "auto")
+def selected(states, preset: str = "auto") -> list[list[torch.Tensor]]:
+    """The tensors a plan compares; 'auto': learned float tensors, no BN statistics."""
+    plan = transfer_fast.make_plan(list(states), preset)
     return [[s[n] for n in plan.names] for s in states]
 
 
-def _small_sets(count: int = 2000, max_numel: int = 5000, seed: int = 0):
+def small_sets(count: int = 2000, max_numel: int = 5000, seed: int = 0):
     """`count` tensors of 1..max_numel elements, three sets of them (θB near θA)."""
     g = torch.Generator().manual_seed(seed)
     sizes = torch.randint(1, max_numel + 1, (count,), generator=g).tolist()
@@ -55,22 +55,37 @@ def _small_sets(count: int = 2000, max_numel: int = 5000, seed: int = 0):
     return [r, a, b]
 
 
+# (θr, θA, θB) state dicts: ResNet-50 (25.6M parameters), ViT-B/16 (86M).
+TRIPLES = {"resnet50": lambda: triple(resnet_shapes(50), seed=0),
+           "vitb16": lambda: triple(vit_shapes(), seed=0)}
+
+
+def make_workload(name: str, sets: list[list[torch.Tensor]], device: str) -> Workload:
+    """The sets moved to `device`, with a roofline tensor of the same size."""
+    sets = [[t.to(device) for t in s] for s in sets]
+    numel = sum(t.numel() for s in sets for t in s)
+    roofline = torch.ones(numel, dtype=sets[0][0].dtype, device=device)
+    sync(device)
+    return Workload(name, device, *sets, roofline=roofline)
+
+
+def workload_sets(name: str, states=None) -> list[list[torch.Tensor]]:
+    """'resnet50', 'vitb16' (the tensors of the default plan) or 'small2000'."""
+    if name == "small2000":
+        return small_sets()
+    return selected(states if states is not None else TRIPLES[name]())
+
+
 @pytest.fixture(scope="session")
 def resnet50_triple():
-    """(θr, θA, θB) state dicts with ResNet-50's names and shapes (25.6M parameters)."""
-    return triple(resnet_shapes(50), seed=0)
+    """(θr, θA, θB) with ResNet-50's names and shapes."""
+    return TRIPLES["resnet50"]()
 
 
 @pytest.fixture(scope="session")
 def vitb16_triple():
-    """(θr, θA, θB) state dicts with ViT-B/16's names and shapes (86M parameters)."""
-    return triple(vit_shapes(), seed=0)
-
-
-@pytest.fixture(scope="session")
-def small_sets():
-    """2000 small tensors (1..5000 elements) x 3 sets."""
-    return _small_sets()
+    """(θr, θA, θB) with ViT-B/16's names and shapes."""
+    return TRIPLES["vitb16"]()
 
 
 @pytest.fixture(params=DEVICES, scope="session")
@@ -82,17 +97,11 @@ def device(request):
 def workloads(request):
     """get(name, device) -> Workload, each built (and moved to its device) once."""
     cache: dict[tuple[str, str], Workload] = {}
-    sources = {"resnet50": "resnet50_triple", "vitb16": "vitb16_triple", "small2000": "small_sets"}
 
     def get(name: str, device: str) -> Workload:
         if (name, device) not in cache:
-            data = request.getfixturevalue(sources[name])
-            sets = data if name == "small2000" else _selected(data)
-            sets = [[t.to(device) for t in s] for s in sets]
-            numel = sum(t.numel() for s in sets for t in s)
-            roofline = torch.ones(numel, dtype=sets[0][0].dtype, device=device)
-            cache[name, device] = Workload(name, device, *sets, roofline=roofline)
-            sync(device)
+            states = None if name == "small2000" else request.getfixturevalue(f"{name}_triple")
+            cache[name, device] = make_workload(name, workload_sets(name, states), device)
         return cache[name, device]
 
     return get

@@ -1,54 +1,90 @@
-"""Markdown tables of speed ratios from a pytest-benchmark JSON file.
+"""Markdown tables of speed ratios from pytest-benchmark JSON files.
 
-    .venv/bin/python benchmarks/ratios.py /tmp/bench.json
+    .venv/bin/python benchmarks/ratios.py /tmp/bench.json [more.json ...] [--stat min]
 
-Per group: each entry's median time, the bandwidth it reaches over the bytes of
-the three sets, and baseline_median / entry_median for every baseline of the
-group (a speedup for the loops and foreach, a fraction for the roofline).
+Per group of the last file: each entry's median (or min) time, the bandwidth it
+reaches over the bytes of the three sets, and baseline_time / entry_time for every
+baseline of the group (a speedup for the loops and foreach, a fraction for the
+roofline). `preempt/s` counts the involuntary context switches per second during
+the entry: in the hundreds, other processes took the CPU and its time is inflated.
+With several files, a summary follows: our entries' ratios in each run and their
+median over the runs.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import statistics
 from collections import defaultdict
 
 BASELINES = ("loop_item", "loop_stack", "foreach", "roofline")
 
 
-def ratio(base: float | None, median: float, fraction: bool) -> str:
-    if base is None:
-        return "-"
-    return f"{base / median:.0%}" if fraction else f"{base / median:.2f}x"
+def fmt(value: float, baseline: str) -> str:
+    return f"{value:.0%}" if baseline == "roofline" else f"{value:.2f}x"
 
 
-def table(group: str, rows: list[dict]) -> list[str]:
-    medians = {r["extra_info"]["entry"]: r["stats"]["median"] for r in rows}
-    present = [b for b in BASELINES if b in medians]
-    heads = [f"of {b}" if b == "roofline" else f"vs {b}" for b in present]
-    lines = [f"### {group}", "", "| entry | median ms | GB/s | " + " | ".join(heads) + " |",
-             "|---|--:|--:|" + "--:|" * len(present)]
-    for r in sorted(rows, key=lambda r: r["stats"]["median"]):
-        entry, median = r["extra_info"]["entry"], r["stats"]["median"]
-        gbps = r["extra_info"]["bytes"] / median / 1e9
-        cells = [ratio(medians[b], median, b == "roofline") for b in present]
-        lines.append(f"| {entry} | {median * 1e3:.2f} | {gbps:.1f} | " + " | ".join(cells) + " |")
+def heads(baselines: list[str]) -> list[str]:
+    return [f"of {b}" if b == "roofline" else f"vs {b}" for b in baselines]
+
+
+def load(path: str, stat: str) -> dict[str, dict[str, tuple[float, dict]]]:
+    """group -> entry -> (time in s, extra_info)."""
+    with open(path) as f:
+        data = json.load(f)
+    groups: dict[str, dict] = defaultdict(dict)
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        groups[bench["group"]][info["entry"]] = (bench["stats"][stat], info)
+    return groups
+
+
+def table(group: str, entries: dict[str, tuple[float, dict]], stat: str) -> list[str]:
+    present = [b for b in BASELINES if b in entries]
+    lines = [f"### {group}", "",
+             f"| entry | {stat} ms | GB/s | " + " | ".join(heads(present)) + " | preempt/s |",
+             "|---|--:|--:|" + "--:|" * (len(present) + 1)]
+    for entry, (time, info) in sorted(entries.items(), key=lambda item: item[1][0]):
+        cells = [fmt(entries[b][0] / time, b) for b in present]
+        lines.append(f"| {entry} | {time * 1e3:.2f} | {info['bytes'] / time / 1e9:.1f} | "
+                     + " | ".join(cells) + f" | {info.get('preempted_per_s', '?')} |")
     return lines + [""]
 
 
-def main(path: str) -> None:
-    with open(path) as f:
-        data = json.load(f)
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for bench in data["benchmarks"]:
-        groups[bench["group"]].append(bench)
-    info = data.get("machine_info", {})
-    print(f"CPU: {info.get('cpu', {}).get('brand_raw', '?')}, "
-          f"python {info.get('python_version', '?')}, run {data.get('datetime', '?')}")
-    print()
-    for group, rows in groups.items():
-        print("\n".join(table(group, rows)))
+def summary(runs: list[dict[str, dict]]) -> list[str]:
+    """Ratios of the non-baseline entries, one cell per run, then the median of the runs."""
+    lines = ["### Summary over runs (each cell: run 1, run 2, ... -> median)", ""]
+    for group, entries in runs[-1].items():
+        present = [b for b in BASELINES if b in entries]
+        lines += [f"{group}", "", "| entry | " + " | ".join(heads(present)) + " |",
+                  "|---|" + "--:|" * len(present)]
+        for entry in entries:
+            if entry in BASELINES:
+                continue
+            cells = []
+            for b in present:
+                values = [r[group][b][0] / r[group][entry][0] for r in runs
+                          if entry in r.get(group, {}) and b in r[group]]
+                cells.append(", ".join(fmt(v, b) for v in values)
+                             + f" -> **{fmt(statistics.median(values), b)}**")
+            lines.append(f"| {entry} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", help="pytest-benchmark JSON files, one per run")
+    parser.add_argument("--stat", default="median", choices=("median", "min", "mean"))
+    args = parser.parse_args()
+    runs = [load(path, args.stat) for path in args.files]
+    print(f"Last run ({args.files[-1]}):\n")
+    for group, entries in runs[-1].items():
+        print("\n".join(table(group, entries, args.stat)))
+    if len(runs) > 1:
+        print("\n".join(summary(runs)))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "/tmp/bench.json")
+    main()

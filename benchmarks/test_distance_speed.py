@@ -15,13 +15,16 @@ time covers the whole computation.
 
 from __future__ import annotations
 
+import resource
+import time
+
 import pytest
 import torch
 
 import transfer_fast
 from transfer_fast import multi_tensor_distance, transferability
 
-from .conftest import Workload, sync
+from .conftest import Workload, make_workload, selected, sync
 
 BASELINES = ("loop_item", "loop_stack", "foreach", "roofline")
 
@@ -73,11 +76,24 @@ def require_backend(backend: str) -> None:
         pytest.skip(f"backend {backend!r} {status}")
 
 
-def record(benchmark, group: str, entry: str, device: str, nbytes: int) -> None:
+def run(benchmark, fn, w: Workload, group: str, entry: str) -> None:
+    """Times fn(w) in `group`; extra_info says what ratios.py needs. `preempted_per_s`,
+    the involuntary context switches of this process per second while it ran, tells
+    a run disturbed by other processes on a shared machine (tens when quiet)."""
     benchmark.group = group
     benchmark.extra_info.update(
-        entry=entry, device=device, bytes=nbytes, threads=torch.get_num_threads(),
+        entry=entry, device=w.device, bytes=w.nbytes, threads=torch.get_num_threads(),
         baseline=entry in BASELINES, torch=torch.__version__)
+
+    def measured():
+        result = fn(w)
+        sync(w.device)
+        return result
+
+    switches, start = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw, time.perf_counter()
+    benchmark(measured)
+    switches = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - switches
+    benchmark.extra_info["preempted_per_s"] = round(switches / (time.perf_counter() - start))
 
 
 @pytest.mark.parametrize(("workload", "entry"), CASES, ids=[f"{w}-{e}" for w, e in CASES])
@@ -90,14 +106,7 @@ def test_distance(benchmark, workloads, device, workload, entry):
         fn = fused("torch")
     else:
         fn = globals()[entry]
-    record(benchmark, f"{workload} [{device}]", entry, device, w.nbytes)
-
-    def measured():
-        result = fn(w)
-        sync(device)
-        return result
-
-    benchmark(measured)
+    run(benchmark, fn, w, f"{workload} [{device}]", entry)
 
 
 E2E_ENTRIES = ["transferability", "loop_item", "loop_stack", "roofline"]
@@ -111,12 +120,8 @@ def paper_workload(resnet50_triple):
     def get(device: str):
         if device not in cache:
             states = tuple({k: v.to(device) for k, v in s.items()} for s in resnet50_triple)
-            plan = transfer_fast.make_plan(list(states), "paper")
-            sets = [[s[n] for n in plan.names] for s in states]
-            numel = sum(t.numel() for s in sets for t in s)
-            roof = torch.ones(numel, dtype=sets[0][0].dtype, device=device)
-            cache[device] = states, Workload("resnet50-paper", device, *sets, roofline=roof)
-            sync(device)
+            cache[device] = states, make_workload("resnet50-paper", selected(states, "paper"),
+                                                  device)
         return cache[device]
 
     return get
@@ -134,12 +139,4 @@ def test_transferability_resnet50(benchmark, paper_workload, device, entry):
             return transferability(*states, preset="paper", backend=device).overall
     else:
         fn = globals()[entry]
-    record(benchmark, f"resnet50 transferability preset=paper [{device}]", entry, device,
-           w.nbytes)
-
-    def measured():
-        result = fn(w)
-        sync(device)
-        return result
-
-    benchmark(measured)
+    run(benchmark, fn, w, f"resnet50 transferability preset=paper [{device}]", entry)

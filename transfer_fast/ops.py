@@ -28,13 +28,11 @@ def backend_status() -> dict[str, str]:
     return status
 
 
-def _fast_route(tensors: list[torch.Tensor]) -> bool:
-    """Whether the tensors at one index of every set can go to a compiled kernel as they are."""
-    first = tensors[0]
-    return first.dtype in KERNEL_DTYPES and all(
-        x.dtype == first.dtype and x.device == first.device and x.is_contiguous()
-        for x in tensors
-    )
+def _fast_route(tensors: list[torch.Tensor], device: torch.device) -> bool:
+    """Whether the tensors can go to a compiled kernel as they are (one dtype, contiguous)."""
+    dtype = tensors[0].dtype
+    return dtype in KERNEL_DTYPES and all(
+        x.dtype == dtype and x.device == device and x.is_contiguous() for x in tensors)
 
 
 def multi_tensor_distance(
@@ -62,23 +60,25 @@ def multi_tensor_distance(
         return reference.multi_tensor_distance(anchors, targets)
 
     device = anchors[0][0].device
-    out = torch.zeros(len(anchors), len(targets), num_tensors, 5, dtype=torch.float64,
-                      device=device)
-    buckets: dict[torch.dtype, list[int]] = defaultdict(list)
-    slow: list[int] = []
-    for t in range(num_tensors):
-        column = [s[t] for s in anchors] + [s[t] for s in targets]
-        fast = _fast_route(column) and column[0].device == device
-        (buckets[column[0].dtype] if fast else slow).append(t)
-
     key = _DISPATCH_KEY.get(device.type)
     compiled = key is not None and _ext.has_kernel(key)
     if backend != "auto" and (backend != device.type or not compiled):
         raise RuntimeError(f"backend {backend!r} cannot reduce tensors on {device}: "
                            f"{backend_status().get(backend, 'unknown backend')}")
     if not compiled:
-        slow = list(range(num_tensors))
-        buckets.clear()
+        return reference.multi_tensor_distance(anchors, targets)
+    flat_a = [t for s in anchors for t in s]
+    flat_b = [t for s in targets for t in s]
+    if _fast_route(flat_a + flat_b, device):  # the common case: one call, no regrouping
+        return torch.ops.transfer_fast.multi_tensor_distance(flat_a, flat_b, num_tensors)
+
+    out = torch.zeros(len(anchors), len(targets), num_tensors, 5, dtype=torch.float64,
+                      device=device)
+    buckets: dict[torch.dtype, list[int]] = defaultdict(list)
+    slow: list[int] = []
+    for t in range(num_tensors):
+        column = [s[t] for s in anchors] + [s[t] for s in targets]
+        (buckets[column[0].dtype] if _fast_route(column, device) else slow).append(t)
     for idx in buckets.values():
         flat_a = [s[t] for s in anchors for t in idx]
         flat_b = [s[t] for s in targets for t in idx]

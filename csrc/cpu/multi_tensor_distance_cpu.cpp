@@ -13,7 +13,6 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <array>
 #include <vector>
 
 #include "../common/distance_sums.h"
@@ -24,47 +23,73 @@ namespace {
 
 // Elements reduced in vector lanes before the lanes are added in double.
 constexpr int64_t kBlockElems = 1024;
+// Anchors reduced together in one pass over a target block: every loaded target
+// vector serves all of them. Two (θr, θA) is the common case and fits in the
+// vector registers with all accumulators.
+constexpr int64_t kFusedAnchors = 2;
 
-using PairSums = std::array<double, kNumSums>;
+// Where one fused block adds its sums: 3 pair sums per anchor, optionally the
+// anchors' and the target's squares (taken once per set, not once per pair).
+struct BlockOut {
+  double* pair[kFusedAnchors];
+  double* anchor_sq[kFusedAnchors];
+  double* target_sq;
+};
 
-// The five sums of one (anchor, target) block, in the accumulation type acc_t
-// (float for float/half/bfloat16 inputs, double for double inputs).
-template <typename acc_t>
-PairSums pair_block(const acc_t* a, const acc_t* b, int64_t n) {
+// One pass over n elements of NA anchors and one target, in the accumulation
+// type acc_t (float for float/half/bfloat16 inputs, double for double inputs).
+template <typename acc_t, int NA, bool kAnchorSq, bool kTargetSq>
+void fused_block(const acc_t* const* a, const acc_t* b, int64_t n, const BlockOut& out) {
   using Vec = at::vec::Vectorized<acc_t>;
-  Vec abs_diff(0), sq_diff(0), dot(0), a_sq(0), b_sq(0);
+  Vec abs_diff[NA], sq_diff[NA], dot[NA], a_sq[NA], b_sq(0);
+  for (int j = 0; j < NA; ++j) abs_diff[j] = sq_diff[j] = dot[j] = a_sq[j] = Vec(0);
+  auto accumulate = [&](const Vec& vb, const Vec (&va)[NA]) {
+    for (int j = 0; j < NA; ++j) {
+      const Vec d = va[j] - vb;
+      abs_diff[j] = abs_diff[j] + d.abs();
+      sq_diff[j] = at::vec::fmadd(d, d, sq_diff[j]);
+      dot[j] = at::vec::fmadd(va[j], vb, dot[j]);
+      if constexpr (kAnchorSq) a_sq[j] = at::vec::fmadd(va[j], va[j], a_sq[j]);
+    }
+    if constexpr (kTargetSq) b_sq = at::vec::fmadd(vb, vb, b_sq);
+  };
+  Vec va[NA];
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec va = Vec::loadu(a + i);
-    const Vec vb = Vec::loadu(b + i);
-    const Vec d = va - vb;
-    abs_diff = abs_diff + d.abs();
-    sq_diff = at::vec::fmadd(d, d, sq_diff);
-    dot = at::vec::fmadd(va, vb, dot);
-    a_sq = at::vec::fmadd(va, va, a_sq);
-    b_sq = at::vec::fmadd(vb, vb, b_sq);
+    for (int j = 0; j < NA; ++j) va[j] = Vec::loadu(a[j] + i);
+    accumulate(Vec::loadu(b + i), va);
   }
-  if (i < n) {
-    // Partial loads fill the missing lanes with zeros, which add nothing.
+  if (i < n) {  // partial loads fill the missing lanes with zeros, which add nothing
     const int count = static_cast<int>(n - i);
-    const Vec va = Vec::loadu(a + i, count);
-    const Vec vb = Vec::loadu(b + i, count);
-    const Vec d = va - vb;
-    abs_diff = abs_diff + d.abs();
-    sq_diff = at::vec::fmadd(d, d, sq_diff);
-    dot = at::vec::fmadd(va, vb, dot);
-    a_sq = at::vec::fmadd(va, va, a_sq);
-    b_sq = at::vec::fmadd(vb, vb, b_sq);
+    for (int j = 0; j < NA; ++j) va[j] = Vec::loadu(a[j] + i, count);
+    accumulate(Vec::loadu(b + i, count), va);
   }
   auto lanes = [](const Vec& v) {
     return static_cast<double>(at::vec::vec_reduce_all<acc_t>(
         [](const Vec& x, const Vec& y) { return x + y; }, v));
   };
-  return {lanes(abs_diff), lanes(sq_diff), lanes(dot), lanes(a_sq), lanes(b_sq)};
+  for (int j = 0; j < NA; ++j) {
+    out.pair[j][0] += lanes(abs_diff[j]);
+    out.pair[j][1] += lanes(sq_diff[j]);
+    out.pair[j][2] += lanes(dot[j]);
+    if constexpr (kAnchorSq) *out.anchor_sq[j] += lanes(a_sq[j]);
+  }
+  if constexpr (kTargetSq) *out.target_sq += lanes(b_sq);
+}
+
+// Picks the fused_block instance: the flags are compile-time so that a pass
+// that needs no squares spends no instructions on them.
+template <typename acc_t, int NA>
+void fused_block_for(bool anchor_sq, bool target_sq, const acc_t* const* a, const acc_t* b,
+                     int64_t n, const BlockOut& out) {
+  if (anchor_sq && target_sq) fused_block<acc_t, NA, true, true>(a, b, n, out);
+  else if (anchor_sq) fused_block<acc_t, NA, true, false>(a, b, n, out);
+  else if (target_sq) fused_block<acc_t, NA, false, true>(a, b, n, out);
+  else fused_block<acc_t, NA, false, false>(a, b, n, out);
 }
 
 // Row layout of one item's partials: A*K*3 pair sums, then A anchor squares,
-// then K target squares. Squares are taken once per set, not once per pair.
+// then K target squares.
 struct SlotLayout {
   int64_t anchors, targets;
   int64_t pair(int64_t i, int64_t k, int s) const { return (i * targets + k) * 3 + s; }
@@ -73,39 +98,47 @@ struct SlotLayout {
   int64_t size() const { return anchors * targets * 3 + anchors + targets; }
 };
 
-// Reduces elements [start, start + len) of tensor t for every pair into row.
-// Reduced-precision inputs are widened block by block into `scratch` so the
-// vector loop always runs on acc_t.
+// Per-thread buffers, allocated once per parallel_for range rather than per item.
 template <typename scalar_t, typename acc_t>
-void reduce_item(const std::vector<const scalar_t*>& anchor_ptrs,
-                 const std::vector<const scalar_t*>& target_ptrs,
-                 int64_t start, int64_t len, const SlotLayout& slots,
-                 double* row) {
-  constexpr bool widen = !std::is_same_v<scalar_t, acc_t>;
+struct ItemScratch {
+  std::vector<const scalar_t*> anchor_ptrs, target_ptrs;
+  std::vector<const acc_t*> anchor_block;
+  std::vector<acc_t> widened;  // reduced-precision blocks converted to acc_t
+  ItemScratch(int64_t A, int64_t K)
+      : anchor_ptrs(A), target_ptrs(K), anchor_block(A),
+        widened(std::is_same_v<scalar_t, acc_t> ? 0 : (A + 1) * kBlockElems) {}
+};
+
+// Reduces elements [start, start + len) of one tensor for every pair into row.
+template <typename scalar_t, typename acc_t>
+void reduce_item(ItemScratch<scalar_t, acc_t>& s, int64_t start, int64_t len,
+                 const SlotLayout& slots, double* row) {
   const int64_t A = slots.anchors, K = slots.targets;
-  std::vector<acc_t> scratch(widen ? (A + 1) * kBlockElems : 0);
-  std::vector<const acc_t*> a_block(A);
   for (int64_t off = start; off < start + len; off += kBlockElems) {
     const int64_t n = std::min(kBlockElems, start + len - off);
     auto view = [&](const scalar_t* p, int64_t buf) -> const acc_t* {
-      if constexpr (widen) {
-        acc_t* dst = scratch.data() + buf * kBlockElems;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        return p + off;
+      } else {
+        acc_t* dst = s.widened.data() + buf * kBlockElems;
         for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(p[off + j]);
         return dst;
-      } else {
-        return p + off;
       }
     };
-    for (int64_t i = 0; i < A; ++i) a_block[i] = view(anchor_ptrs[i], i);
+    for (int64_t i = 0; i < A; ++i) s.anchor_block[i] = view(s.anchor_ptrs[i], i);
     for (int64_t k = 0; k < K; ++k) {
-      const acc_t* b = view(target_ptrs[k], A);
-      for (int64_t i = 0; i < A; ++i) {
-        const PairSums s = pair_block<acc_t>(a_block[i], b, n);
-        row[slots.pair(i, k, 0)] += s[kSumAbsDiff];
-        row[slots.pair(i, k, 1)] += s[kSumSqDiff];
-        row[slots.pair(i, k, 2)] += s[kSumDot];
-        if (k == 0) row[slots.anchor_sq(i)] += s[kSumAnchorSq];
-        if (i == 0) row[slots.target_sq(k)] += s[kSumTargetSq];
+      const acc_t* b = view(s.target_ptrs[k], A);
+      for (int64_t i0 = 0; i0 < A; i0 += kFusedAnchors) {
+        const int64_t na = std::min(kFusedAnchors, A - i0);
+        BlockOut out{};
+        for (int64_t j = 0; j < na; ++j) {
+          out.pair[j] = row + slots.pair(i0 + j, k, 0);
+          out.anchor_sq[j] = row + slots.anchor_sq(i0 + j);
+        }
+        out.target_sq = row + slots.target_sq(k);
+        const acc_t* const* a = s.anchor_block.data() + i0;
+        if (na == 2) fused_block_for<acc_t, 2>(k == 0, i0 == 0, a, b, n, out);
+        else fused_block_for<acc_t, 1>(k == 0, i0 == 0, a, b, n, out);
       }
     }
   }
@@ -130,13 +163,17 @@ void run_kernel(at::TensorList anchors, at::TensorList targets, int64_t T,
   std::vector<double> partials(num_items * slots.size(), 0.0);
 
   at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const scalar_t*> a_ptrs(A), b_ptrs(K);
+    ItemScratch<scalar_t, acc_t> s(A, K);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item_tensor[item];
-      for (int64_t i = 0; i < A; ++i) a_ptrs[i] = anchors[i * T + t].const_data_ptr<scalar_t>();
-      for (int64_t k = 0; k < K; ++k) b_ptrs[k] = targets[k * T + t].const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < A; ++i) {
+        s.anchor_ptrs[i] = anchors[i * T + t].const_data_ptr<scalar_t>();
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        s.target_ptrs[k] = targets[k * T + t].const_data_ptr<scalar_t>();
+      }
       const int64_t len = std::min(kChunkElems, anchors[t].numel() - item_start[item]);
-      reduce_item<scalar_t, acc_t>(a_ptrs, b_ptrs, item_start[item], len, slots,
+      reduce_item<scalar_t, acc_t>(s, item_start[item], len, slots,
                                    partials.data() + item * slots.size());
     }
   });
