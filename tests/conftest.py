@@ -1,13 +1,10 @@
 import pytest
 import torch
 
-import transfer_fast
-
-CUDA = torch.cuda.is_available() and transfer_fast.backend_status()["cuda"] == "available"
-
-# Every kernel test runs on the CPU and, where a GPU and the CUDA kernels exist, on CUDA.
+# Every kernel test runs on the CPU and, where a GPU exists, on CUDA. A GPU machine
+# whose build left the CUDA kernels out fails those tests rather than skipping them.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not CUDA, reason="needs a GPU and the CUDA kernels"))]
+    not torch.cuda.is_available(), reason="needs a GPU"))]
 
 
 @pytest.fixture(params=DEVICES)

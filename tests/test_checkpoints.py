@@ -18,6 +18,7 @@ def state():
 @pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin"])
 def test_torch_formats_and_wrappers(tmp_path, state, suffix):
     for wrapped in (state, {"state_dict": state, "epoch": 3}, {"model": state},
+                    {"model_state_dict": state, "step": torch.tensor(5)},
                     {f"module.{k}": v for k, v in state.items()}):
         path = tmp_path / f"m{suffix}"
         torch.save(wrapped, path)
@@ -58,11 +59,22 @@ def test_truncated_file_is_named(tmp_path, state, suffix):
         load_state(path)
 
 
-def test_garbage_file(tmp_path):
+@pytest.mark.parametrize("content", [b"not a checkpoint at all\n", b"\x80\x04\x95junk" * 9],
+                         ids=["text", "bad-pickle"])
+def test_garbage_file_is_unreadable_not_refused(tmp_path, content):
     path = tmp_path / "junk.pt"
-    path.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(TransferFastError, match="junk.pt"):
+    path.write_bytes(content)
+    with pytest.raises(TransferFastError, match="junk.pt: unreadable") as info:
         load_state(path)
+    assert "weights_only` set to `False" not in str(info.value)
+
+
+def test_empty_file_and_directory(tmp_path):
+    (tmp_path / "e.pt").write_bytes(b"")
+    with pytest.raises(TransferFastError, match="e.pt: empty file"):
+        load_state(tmp_path / "e.pt")
+    with pytest.raises(TransferFastError, match="not a file"):
+        load_state(tmp_path)
 
 
 class _Payload:
@@ -79,7 +91,7 @@ def test_checkpoint_needing_arbitrary_unpickling_is_refused_unrun(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"weight": torch.ones(2), "payload": _Payload(str(marker))}, path)
-    with pytest.raises(TransferFastError, match="evil.pt: refused"):
+    with pytest.raises(TransferFastError, match="evil.pt: refused.*holds io.open"):
         load_state(path)
     assert not marker.exists()
     plain = tmp_path / "evil_plain.pkl"
@@ -93,6 +105,9 @@ def test_no_tensors_and_wrong_types(tmp_path):
     path = tmp_path / "empty.pt"
     torch.save({"epoch": 1}, path)
     with pytest.raises(TransferFastError, match="empty.pt: holds no tensors"):
+        load_state(path)
+    torch.save({"net": {"w": torch.ones(1)}, "optimizer": {}}, path)
+    with pytest.raises(TransferFastError, match="nested entries 'net'"):
         load_state(path)
     with pytest.raises(TransferFastError, match="cannot load parameters from a int"):
         load_state(3)

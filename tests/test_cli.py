@@ -47,7 +47,7 @@ def test_info_lists_backends():
     assert "backend cpu" in proc.stdout and "backend torch available" in proc.stdout
 
 
-@pytest.mark.parametrize("case", ["missing", "truncated", "mismatch", "nan", "pickle"])
+@pytest.mark.parametrize("case", ["missing", "truncated", "mismatch", "nan", "pickle", "text"])
 def test_bad_input_exits_2_with_one_line(triple_files, tmp_path, case):
     f = triple_files
     bad = tmp_path / "bad.pt"
@@ -60,6 +60,8 @@ def test_bad_input_exits_2_with_one_line(triple_files, tmp_path, case):
     elif case == "nan":
         b["layer2.0.conv2.weight"][0, 0, 0, 0] = float("nan")
         torch.save(b, bad)
+    elif case == "text":
+        bad.write_text("these are not weights\n")
     elif case == "pickle":
         torch.save({"w": torch.ones(1), "f": print}, bad)  # a function needs unpickling code
     proc = run("measure", "-r", f / "r.pt", "-a", f / "a.pth", "-b", bad)
@@ -69,12 +71,26 @@ def test_bad_input_exits_2_with_one_line(triple_files, tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("transfer-fast: error:"), proc.stderr
     expected = {"missing": "file not found", "truncated": "unreadable or truncated",
                 "mismatch": "layer1.0.conv1.weight", "nan": "layer2.0.conv2.weight",
-                "pickle": "refused"}[case]
+                "pickle": "refused", "text": "unreadable"}[case]
     assert expected in lines[0]
 
 
-def test_unknown_option_exits_2():
+def test_unknown_option_and_bad_values_exit_2():
     assert run("measure", "--preset", "nonsense", "-r", "x", "-a", "y", "-b", "z").returncode == 2
+    assert run("demo", "--epochs", "0").returncode == 2
+
+
+def test_debug_after_the_subcommand_shows_the_traceback(tmp_path):
+    proc = run("measure", "-r", tmp_path / "x.pt", "-a", "y", "-b", "z", "--debug")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_unsupported_plot_format_is_one_line(triple_files, tmp_path):
+    f = triple_files
+    proc = run("measure", "-r", f / "r.pt", "-a", f / "a.pth", "-b", f / "b.safetensors",
+               "--plot", tmp_path / "t.xyz")
+    assert proc.returncode == 2 and "t.xyz: cannot write" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_demo_writes_the_three_sets_and_the_report(tmp_path):

@@ -63,6 +63,27 @@ def test_many_small_tensors_and_several_targets(device):
     assert_sums_close(got, anchors, targets)
 
 
+@pytest.mark.parametrize("num_anchors,num_targets", [(1, 1), (3, 2), (5, 10)])
+def test_any_number_of_anchor_and_target_sets(device, num_anchors, num_targets):
+    sizes = [1, 8, 1025, CHUNK + 9]
+    anchors = make_sets(sizes, num_anchors, device=device)
+    targets = make_sets(sizes, num_targets, device=device, seed=7)
+    got = ops.multi_tensor_distance(anchors, targets, backend=backend_of(device))
+    assert got.shape == (num_anchors, num_targets, len(sizes), 5)
+    assert_sums_close(got, anchors, targets)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_views_with_storage_offsets_stay_exact(device, dtype):
+    """Contiguous slices start 1 or 4 elements into their storage: unaligned vector loads."""
+    g = torch.Generator().manual_seed(11)
+    base = [torch.randn(CHUNK + 40, generator=g).to(device, dtype) for _ in range(3)]
+    sets = [[x[1:CHUNK + 2], x[4:1029], x[3:4]] for x in base]
+    assert all(t.is_contiguous() for s in sets for t in s)
+    got = ops.multi_tensor_distance(sets[:2], sets[2:], backend=backend_of(device))
+    assert_sums_close(got, sets[:2], sets[2:], rel=1e-5)
+
+
 def test_matches_reference_backend(device):
     anchors, targets = make_sets([5, 70_000, 1025], 2, device=device), make_sets(
         [5, 70_000, 1025], 2, device=device, seed=9)

@@ -5,7 +5,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from transfer_fast import TransferFastError, load_state, make_plan, testing, transferability
+from transfer_fast import (
+    TransferFastError,
+    load_state,
+    make_plan,
+    testing,
+    transferability,
+    transferability_from_states,
+)
 
 
 @pytest.mark.parametrize("depth,blocks", [(18, 8), (34, 16), (50, 16), (101, 33), (152, 50)])
@@ -24,13 +31,37 @@ def test_densenet121_has_the_papers_63_points():
     assert len(plan.groups) == 63
     assert plan.groups[:2] == ("stem", "denseblock1.denselayer1")
     assert plan.groups.index("transition1") == 7  # after the six layers of block 1
-    assert plan.names[-1] == "classifier.weight"
+    assert plan.names[-1] == "classifier.weight" and "features.norm5.weight" not in plan.names
+
+
+def test_prefixed_names_keep_the_architecture_and_the_paper_preset():
+    state = testing.random_state(testing.resnet_shapes(50))
+    for prefix in ("model.", "_orig_mod.", "backbone.encoder."):
+        prefixed = {prefix + k: v for k, v in state.items()}
+        plan = make_plan([prefixed] * 3, "paper")
+        assert len(plan.groups) == 18 and plan.groups[:2] == ("stem", "layer1.0")
+        assert plan.classifier == "fc" and plan.names[0] == prefix + "conv1.weight"
+
+
+def test_paper_preset_refuses_a_network_it_does_not_know():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(TransferFastError, match="preset 'paper'.*generic"):
+        make_plan([net.state_dict()] * 3, "paper")
+
+
+def test_sparse_tensor_is_named():
+    state = {"conv1.weight": torch.eye(3).to_sparse(), "fc.weight": torch.ones(2, 2)}
+    with pytest.raises(TransferFastError, match="'conv1.weight' is torch.sparse_coo"):
+        make_plan([state] * 3)
 
 
 def test_vit_groups_patch_embedding_blocks_head():
     state = testing.random_state(testing.vit_shapes(dim=32, depth=4, tokens=5))
     plan = make_plan([state] * 3)
-    assert plan.groups == ("patch_embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head")
+    assert plan.groups == ("patch_embed", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "norm",
+                           "head")
+    assert plan.classifier == "head" and "norm.weight" not in [
+        n for n, g in zip(plan.names, plan.group_index) if plan.groups[g] == "head"]
     with pytest.raises(TransferFastError, match="preset 'vit'"):
         make_plan([state] * 3, "paper")
 
@@ -59,6 +90,14 @@ def test_renamed_or_reshaped_body_tensor_is_named_in_the_error():
     b_shape = {**b, "layer3.0.conv2.weight": torch.zeros(3, 3)}
     with pytest.raises(TransferFastError, match=r"layer3\.0\.conv2\.weight.*\(3, 3\)"):
         transferability(r, a, b_shape)
+
+
+def test_a_reused_plan_is_checked_against_new_states():
+    r, a, b = testing.triple(testing.resnet_shapes(18))
+    plan = make_plan([r, a, b])
+    reshaped = {**b, "layer1.0.conv1.weight": b["layer1.0.conv1.weight"].reshape(64, -1)}
+    with pytest.raises(TransferFastError, match=r"layer1\.0\.conv1\.weight"):
+        transferability_from_states([r, a, reshaped], plan)
 
 
 def test_unknown_preset_is_refused():

@@ -17,7 +17,7 @@ FORMULAS = {  # float64, per tensor
     "l1_mean": lambda p, q: (p - q).abs().mean(),
     "l2": lambda p, q: (p - q).norm(),
     "rms": lambda p, q: (p - q).pow(2).mean().sqrt(),
-    "rel_l2": lambda p, q: (p - q).norm() / p.norm(),
+    "rel_l2": lambda p, q: (p - q).norm() / q.norm(),
     "cosine": lambda p, q: 1 - (p @ q) / (p.norm() * q.norm()),
 }
 
@@ -59,6 +59,22 @@ def test_modules_and_backends_agree():
     torch.testing.assert_close(torch.tensor(fast.values), torch.tensor(slow.values), rtol=1e-5,
                                atol=0)
     assert fast.groups == ["0", "1", "3"] and fast.classifier == "3"
+
+
+def test_zero_norm_tensors_leave_cosine_groups_instead_of_making_them_nan():
+    """A fresh BatchNorm bias is all zeros: its cosine distance has no value."""
+    torch.manual_seed(2)
+    nets = [nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 4))
+            for _ in range(3)]
+    for net in nets[1:]:  # "trained" sets: every parameter moved away from its init
+        for p in net.parameters():
+            p.data += 0.1 * torch.randn_like(p)
+    with pytest.warns(RuntimeWarning, match="cosine undefined for 1 zero-norm"):
+        got = transferability(*nets, metric="cosine")
+    assert all(math.isfinite(v) for v in got.values)
+    assert got.excluded == {"1.bias": "cosine undefined (zero norm)"}
+    w = [FORMULAS["cosine"](n[1].weight.double(), nets[2][1].weight.double()) for n in nets[:2]]
+    assert got.values[1] == pytest.approx((w[0] / w[1]).item(), rel=1e-5)
 
 
 def test_nan_and_inf_are_named_with_their_set():

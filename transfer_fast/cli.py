@@ -21,8 +21,9 @@ def _cmd_measure(args) -> int:
         if path:
             try:
                 write(result, path)
-            except OSError as exc:
-                raise TransferFastError(f"{path}: cannot write ({exc.strerror})") from exc
+            except (OSError, ValueError) as exc:  # ValueError: a format matplotlib lacks
+                reason = exc.strerror if isinstance(exc, OSError) else str(exc).splitlines()[0]
+                raise TransferFastError(f"{path}: cannot write ({reason})") from exc
             print(f"wrote {path}")
     return 0
 
@@ -54,6 +55,12 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .layers import PRESETS
     from .ops import BACKENDS
@@ -64,9 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Layer-wise transferability T = D(random, finetuned) / "
                     "D(pretrained, finetuned) of pre-trained networks.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    # Also accepted after the subcommand; SUPPRESS keeps it from resetting the global flag.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    m = sub.add_parser("measure", help="T per layer group for one fine-tuned checkpoint")
+    m = sub.add_parser("measure", parents=[common],
+                       help="T per layer group for one fine-tuned checkpoint")
     m.add_argument("-r", "--random", required=True, help="random init θr (.pt/.pth/.safetensors)")
     m.add_argument("-a", "--pretrained", required=True, help="pre-trained θA")
     m.add_argument("-b", "--finetuned", required=True, help="fine-tuned θB")
@@ -79,13 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--plot", help="write a PNG of T per group")
     m.set_defaults(func=_cmd_measure)
 
-    i = sub.add_parser("info", help="versions, available backends, built architectures")
+    i = sub.add_parser("info", parents=[common],
+                       help="versions, available backends, built architectures")
     i.set_defaults(func=_cmd_info)
 
-    d = sub.add_parser("demo", help="pre-train and fine-tune a small CNN on digits, measure T")
+    d = sub.add_parser("demo", parents=[common],
+                       help="pre-train and fine-tune a small CNN on digits, measure T")
     d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--epochs", type=int, default=30, help="epochs of each training stage")
+    d.add_argument("--epochs", type=_positive_int, default=30,
+                   help="epochs of each training stage (default 30)")
     d.add_argument("--backend", default="auto", choices=BACKENDS)
     d.set_defaults(func=_cmd_demo)
     return parser

@@ -23,6 +23,8 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
         val: tuple[torch.Tensor, torch.Tensor], *, epochs: int, lr: float,
         batch_size: int = 64, seed: int = 0, desc: str = "train") -> tuple[dict, list[float]]:
     """Trains every parameter; returns the best-validation state dict and the accuracy per epoch."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
     generator = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0.0)

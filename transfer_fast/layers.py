@@ -42,7 +42,9 @@ def _densenet(name: str):
         return f"denseblock{m[1]}.denselayer{m[2]}", False, (1, int(m[1]), 0, int(m[2]))
     if m := re.match(r"transition(\d+)\.", name):
         return f"transition{m[1]}", False, (1, int(m[1]), 1, 0)
-    if name.startswith(("norm5.", "classifier.")):  # the final norm only feeds the classifier
+    if name.startswith("norm5."):
+        return "norm5", False, (1.5,)
+    if name.startswith("classifier."):
         return "classifier", True, (2,)
     return None
 
@@ -52,7 +54,9 @@ def _vit(name: str):
         return "patch_embed", False, (0,)
     if m := re.match(r"blocks\.(\d+)\.", name):
         return f"blocks.{m[1]}", False, (1, int(m[1]))
-    if name.startswith(("norm.", "fc_norm.", "head.", "head_drop.")):
+    if name.startswith(("norm.", "fc_norm.")):
+        return "norm", False, (1.5,)
+    if name.startswith("head."):
         return "head", True, (2,)
     return None
 
@@ -111,6 +115,54 @@ def _generic_classifier(names: Sequence[str], shapes: Mapping[str, tuple]) -> st
     return None
 
 
+def common_prefix(names: Sequence[str]) -> str:
+    """The dotted prefix every name shares ('model.', '_orig_mod.', 'backbone.'), or ''."""
+    parts = [n.split(".") for n in names]
+    depth = 0
+    while parts and all(len(p) > depth + 1 and p[depth] == parts[0][depth] for p in parts):
+        depth += 1
+    return "".join(part + "." for part in parts[0][:depth]) if depth else ""
+
+
+def _grouping(names: list[str], shapes: Mapping[str, tuple], preset: str, prefix: str
+              ) -> Grouping:
+    """The grouping for `preset`, for names with their common `prefix` removed."""
+    bare = [n[len(prefix):] for n in names]
+    arch = detect_architecture(bare)
+    if preset == "paper" and arch not in ("resnet", "densenet"):
+        raise TransferFastError(
+            "preset 'paper' reproduces the authors' script for torchvision ResNet/DenseNet "
+            f"names; these names look like a {arch} network: use preset "
+            f"'{arch}' or 'auto'")
+    chosen = _GROUPINGS.get(preset if preset in _GROUPINGS else arch)
+    if chosen is None:  # generic: one group per module, classifier = the head module
+        head = _generic_classifier(bare, {b: shapes[n] for b, n in zip(bare, names)})
+
+        def chosen(name: str):
+            module = name.rsplit(".", 1)[0] if "." in name else name
+            return module, module == head, (2,) if module == head else (1,)
+
+    return chosen
+
+
+def _exclusion(name: str, tensors: list, is_head: bool) -> str | None:
+    """Why a tensor is left out of the comparison, or None to keep it."""
+    present = [t for t in tensors if t is not None]
+    if any(t.layout != torch.strided for t in present):
+        raise TransferFastError(f"tensor {name!r} is {present[0].layout}: only dense "
+                                "tensors can be compared; densify it first")
+    if any(not t.is_floating_point() for t in present):
+        return "not a floating-point tensor"
+    if any(t.numel() == 0 for t in present):
+        return "empty tensor"
+    if is_head and len({tuple(t.shape) for t in present}) > 1:
+        return "classifier shape differs between sets: " + " vs ".join(
+            str(tuple(t.shape)) if t is not None else "missing" for t in tensors)
+    if is_head and len(present) < len(tensors):
+        return "classifier missing from a set"
+    return None
+
+
 def make_plan(
     states: Sequence[Mapping[str, torch.Tensor]],
     preset: str = "auto",
@@ -127,45 +179,26 @@ def make_plan(
         raise TransferFastError(f"unknown preset {preset!r}: expected one of {PRESETS}")
     names = _union_in_order(states)
     shapes = {n: tuple(next(s[n] for s in states if n in s).shape) for n in names}
-    arch = detect_architecture(names)
-    group_of = _GROUPINGS.get(preset if preset in _GROUPINGS else arch)
-    if group_of is None:  # generic: one group per module, classifier = last linear
-        head = _generic_classifier(names, shapes)
-
-        def group_of(name: str):
-            module = name.rsplit(".", 1)[0] if "." in name else name
-            return module, module == head, (2,) if module == head else (1,)
-
+    prefix = common_prefix(names)  # 'model.', '_orig_mod.' (torch.compile), ...
+    group_of = _grouping(names, shapes, preset, prefix)
     selected, excluded = [], {}
     for name in names:
-        grouped = group_of(name)
+        bare = name[len(prefix):]
+        grouped = group_of(bare)
         if grouped is None or name.endswith(_BUFFER_SUFFIXES):
             continue
         group, is_head, order = grouped
-        if preset == "paper" and "conv" not in name and not (is_head and name.endswith("weight")):
+        if preset == "paper" and "conv" not in bare and not (is_head and bare.endswith("weight")):
             continue  # the authors' script: names with 'conv' plus the classifier weight
-        tensors = [s.get(name) for s in states]
-        if any(t is not None and not t.is_floating_point() for t in tensors):
-            excluded[name] = "not a floating-point tensor"
-        elif any(t is not None and t.numel() == 0 for t in tensors):
-            excluded[name] = "empty tensor"
-        elif is_head and len({tuple(t.shape) for t in tensors if t is not None}) > 1:
-            excluded[name] = "classifier shape differs between sets: " + " vs ".join(
-                str(tuple(t.shape)) if t is not None else "missing" for t in tensors)
-        elif is_head and any(t is None for t in tensors):
-            excluded[name] = "classifier missing from a set"
+        reason = _exclusion(name, [s.get(name) for s in states], is_head)
+        if reason:
+            excluded[name] = reason
         else:
             selected.append((name, group, is_head, order))
-
-    labels = labels or [f"set {i + 1}" for i in range(len(states))]
-    _check_sets_agree(states, [n for n, *_ in selected], labels)
-    if preset == "paper" and not any("conv" in n for n, *_ in selected):
-        raise TransferFastError(
-            "preset 'paper' compares tensors whose name contains 'conv' (the authors' "
-            f"ResNet/DenseNet script) and found none in this {arch} network; use preset "
-            f"'{arch if arch in _GROUPINGS else 'generic'}' or 'auto'")
     if not selected:
         raise TransferFastError(f"preset {preset!r} selected no tensor to compare")
+    names = [n for n, *_ in selected]
+    check_sets_agree(states, names, labels or [f"set {i + 1}" for i in range(len(states))])
     # Stable sort: within equal keys (generic groups) the names' own order stands.
     selected.sort(key=lambda item: item[3])
     groups = list(dict.fromkeys(g for _, g, _, _ in selected))
@@ -180,7 +213,8 @@ def make_plan(
     )
 
 
-def _check_sets_agree(states, names: list[str], labels: Sequence[str]) -> None:
+def check_sets_agree(states, names: Sequence[str], labels: Sequence[str]) -> None:
+    """Raises TransferFastError naming the first tensors missing from a set or reshaped."""
     for label, state in zip(labels, states):
         missing = [n for n in names if n not in state]
         if missing:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -45,8 +46,9 @@ def multi_tensor_distance(
 
     anchors: A sets of T tensors (e.g. [θr, θA]); targets: K sets of the same T shapes.
     Returns float64 (A, K, T, 5): sum|a-b|, sum (a-b)^2, sum a*b, sum a^2, sum b^2.
-    Tensors off the fast route (mixed dtypes or devices, non-contiguous, other dtypes)
-    are reduced by `reference.py`; the rest by the kernel of their device.
+    Mixed dtypes and non-contiguous views are copied to a common dtype (exactly) and
+    contiguous memory first; other dtypes (integers, float8) or tensors on several
+    devices are reduced by `reference.py`.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -56,7 +58,7 @@ def multi_tensor_distance(
             if len(s) != num_tensors:
                 raise ValueError(
                     f"every set needs {num_tensors} tensors, a {role} set has {len(s)}")
-    if backend == "torch" or num_tensors == 0:
+    if backend == "torch" or num_tensors == 0 or not targets:
         return reference.multi_tensor_distance(anchors, targets)
 
     device = anchors[0][0].device
@@ -72,16 +74,26 @@ def multi_tensor_distance(
     if _fast_route(flat_a + flat_b, device):  # the common case: one call, no regrouping
         return torch.ops.transfer_fast.multi_tensor_distance(flat_a, flat_b, num_tensors)
 
+    # Slow path, per tensor index: mixed dtypes are promoted (exactly: float16 and
+    # bfloat16 -> float32, float32 -> float64) and views copied contiguous, then
+    # reduced by the kernel; other dtypes or devices go to the pure-torch reference.
     out = torch.zeros(len(anchors), len(targets), num_tensors, 5, dtype=torch.float64,
                       device=device)
+    columns: dict[int, list[torch.Tensor]] = {}
     buckets: dict[torch.dtype, list[int]] = defaultdict(list)
     slow: list[int] = []
     for t in range(num_tensors):
         column = [s[t] for s in anchors] + [s[t] for s in targets]
-        (buckets[column[0].dtype] if _fast_route(column, device) else slow).append(t)
+        dtype = functools.reduce(torch.promote_types, (x.dtype for x in column))
+        if dtype in KERNEL_DTYPES and all(x.device == device for x in column):
+            columns[t] = [x.to(dtype).contiguous() for x in column]
+            buckets[dtype].append(t)
+        else:
+            slow.append(t)
+    num_anchors, num_targets = len(anchors), len(targets)
     for idx in buckets.values():
-        flat_a = [s[t] for s in anchors for t in idx]
-        flat_b = [s[t] for s in targets for t in idx]
+        flat_a = [columns[t][i] for i in range(num_anchors) for t in idx]
+        flat_b = [columns[t][num_anchors + k] for k in range(num_targets) for t in idx]
         out[:, :, idx] = torch.ops.transfer_fast.multi_tensor_distance(flat_a, flat_b, len(idx))
     if slow:
         pick = lambda sets: [[s[t] for t in slow] for s in sets]  # noqa: E731

@@ -13,7 +13,7 @@ import torch
 from . import ops
 from .checkpoints import StateSource, load_state
 from .errors import TransferFastError, first_few
-from .layers import Plan, make_plan
+from .layers import Plan, check_sets_agree, make_plan
 
 
 def _metric_l1_mean(s, n):
@@ -29,7 +29,7 @@ def _metric_rms(s, n):
 
 
 def _metric_rel_l2(s, n):
-    return s[..., 1].sqrt() / s[..., 3].sqrt()  # relative to the anchor's norm
+    return s[..., 1].sqrt() / s[..., 4].sqrt()  # relative to the target's (θB's) norm
 
 
 def _metric_cosine(s, n):
@@ -41,7 +41,7 @@ METRICS = {
     "l1_mean": _metric_l1_mean,  # mean |a - b|: the authors' distance
     "l2": _metric_l2,            # ||a - b||
     "rms": _metric_rms,          # ||a - b|| / sqrt(numel)
-    "rel_l2": _metric_rel_l2,    # ||a - b|| / ||a||
+    "rel_l2": _metric_rel_l2,    # ||a - b|| / ||b||, b the fine-tuned (target) tensor
     "cosine": _metric_cosine,    # 1 - cos(a, b)
 }
 
@@ -52,15 +52,18 @@ def _check_metric(metric: str) -> None:
 
 
 def _check_finite(sums: torch.Tensor, sets: list[list[torch.Tensor]], labels: list[str],
-                  names: Sequence[str]) -> None:
+                  names: Sequence[str]) -> list[str]:
     """Names the tensors holding NaN/Inf. A non-finite value makes its set's sum of
-    squares non-finite, so only those tensors are scanned again."""
+    squares non-finite, so only those tensors are scanned again. Finite tensors whose
+    squares overflowed float32 (|x| > ~1e19) are returned as warnings."""
     squares = torch.cat([sums[:, 0, :, 3], sums[0, :, :, 4]])
-    bad = (~torch.isfinite(squares)).nonzero().tolist()
+    bad = [(s, t) for s, t in (~torch.isfinite(squares)).nonzero().tolist()]
     found = [f"{names[t]} in {labels[s]}" for s, t in bad
              if not torch.isfinite(sets[s][t]).all()]
     if found:
         raise TransferFastError(f"NaN or Inf in {len(found)} tensor(s): {first_few(found, 3)}")
+    return [f"sum of squares overflowed for {names[t]} in {labels[s]}: l2-type metrics "
+            "are inf there" for s, t in bad]
 
 
 @dataclass
@@ -85,7 +88,8 @@ def layer_distances(a: StateSource, b: StateSource, *,
     plan = make_plan(states, "generic", labels=["first set", "second set"])
     sets = [[s[n] for n in plan.names] for s in states]
     sums = ops.multi_tensor_distance([sets[0]], [sets[1]], backend=backend)[0, 0]
-    _check_finite(sums[None, None], sets, ["first set", "second set"], plan.names)
+    for note in _check_finite(sums[None, None], sets, ["first set", "second set"], plan.names):
+        warnings.warn(note, RuntimeWarning, stacklevel=2)
     numel = torch.tensor([t.numel() for t in sets[0]], dtype=torch.float64, device=sums.device)
     values = {m: METRICS[m](sums, numel).tolist() for m in metrics}
     return LayerDistances(list(plan.names), values, plan.excluded)
@@ -138,31 +142,41 @@ def transferability_from_states(states: Sequence[dict[str, torch.Tensor]], plan:
                                 labels: list[str] | None = None) -> TransferabilityResult:
     """`transferability` for loaded [θr, θA, θB] and a ready Plan (reused across models)."""
     labels = labels or ["random", "pretrained", "finetuned"]
+    check_sets_agree(states, plan.names, labels)  # the Plan may come from other files
     sets = [[s[n] for n in plan.names] for s in states]
     device = sets[2][0].device  # compare where the fine-tuned set lives
     sets = [[t.to(device) for t in s] for s in sets]
     sums = ops.multi_tensor_distance(sets[:2], sets[2:], backend=backend)  # (2, 1, T, 5)
-    _check_finite(sums, sets, labels, plan.names)
+    notes = _check_finite(sums, sets, labels, plan.names)
     numel = torch.tensor([t.numel() for t in sets[0]], dtype=torch.float64, device=sums.device)
     per_tensor = METRICS[metric](sums[:, 0], numel).cpu()  # (2, T)
+    # cosine of a zero tensor (a bias at init) has no value: such tensors leave the
+    # group means instead of turning every group into NaN.
+    defined = torch.isfinite(per_tensor).all(0)
+    excluded = dict(plan.excluded)
+    undefined = [plan.names[t] for t in (~defined).nonzero().flatten().tolist()]
+    for name in undefined:
+        excluded[name] = f"{metric} undefined (zero norm)"
+    if undefined:
+        notes.append(f"{metric} undefined for {len(undefined)} zero-norm tensor(s), left out: "
+                     f"{first_few(undefined, 3)}")
     index = torch.tensor(plan.group_index)
-    count = torch.zeros(len(plan.groups), dtype=torch.float64).index_add_(
-        0, index, torch.ones(len(index), dtype=torch.float64))
+    weight = defined.double()
+    count = torch.zeros(len(plan.groups), dtype=torch.float64).index_add_(0, index, weight)
     group_d = torch.zeros(2, len(plan.groups), dtype=torch.float64).index_add_(
-        1, index, per_tensor) / count
+        1, index, torch.where(defined, per_tensor, 0.0)) / count
     d_random, d_pretrained = group_d.tolist()
-    values, notes = [], []
+    values = []
     for g, num, den in zip(plan.groups, d_random, d_pretrained):
-        if den == 0:
-            values.append(math.inf if num > 0 else math.nan)
-            notes.append(f"group {g}: D(pretrained, finetuned) = 0, T = {values[-1]}")
-        else:
-            values.append(num / den)
+        values.append(num / den if den != 0 else (math.inf if num > 0 else math.nan))
+        if not math.isfinite(values[-1]):
+            notes.append(f"group {g}: D(random, finetuned) = {num:.6g}, "
+                         f"D(pretrained, finetuned) = {den:.6g}, T = {values[-1]}")
     body = [v for g, v in zip(plan.groups, values) if g != plan.classifier]
     overall = sum(body) / len(body) if body else math.nan
     for note in notes:
         warnings.warn(note, RuntimeWarning, stacklevel=2)
     return TransferabilityResult(
         groups=list(plan.groups), values=values, overall=overall, d_random=d_random,
-        d_pretrained=d_pretrained, excluded=dict(plan.excluded), classifier=plan.classifier,
+        d_pretrained=d_pretrained, excluded=excluded, classifier=plan.classifier,
         metric=metric, preset=plan.preset, warnings=notes)
