@@ -57,7 +57,7 @@ def _check_finite(sums: torch.Tensor, sets: list[list[torch.Tensor]], labels: li
     squares non-finite, so only those tensors are scanned again. Finite tensors whose
     squares overflowed float32 (|x| > ~1e19) are returned as warnings."""
     squares = torch.cat([sums[:, 0, :, 3], sums[0, :, :, 4]])
-    bad = [(s, t) for s, t in (~torch.isfinite(squares)).nonzero().tolist()]
+    bad = (~torch.isfinite(squares)).nonzero().tolist()
     found = [f"{names[t]} in {labels[s]}" for s, t in bad
              if not torch.isfinite(sets[s][t]).all()]
     if found:
