@@ -148,8 +148,16 @@ def transferability_from_states(states: Sequence[dict[str, torch.Tensor]], plan:
     sets = [[t.to(device) for t in s] for s in sets]
     sums = ops.multi_tensor_distance(sets[:2], sets[2:], backend=backend)  # (2, 1, T, 5)
     notes = _check_finite(sums, sets, labels, plan.names)
-    numel = torch.tensor([t.numel() for t in sets[0]], dtype=torch.float64, device=sums.device)
-    per_tensor = METRICS[metric](sums[:, 0], numel).cpu()  # (2, T)
+    numel = torch.tensor([t.numel() for t in sets[0]], dtype=torch.float64)
+    return result_from_sums(sums[:, 0].cpu(), plan, numel, metric=metric, notes=notes)
+
+
+def result_from_sums(sums: torch.Tensor, plan: Plan, numel: torch.Tensor, *, metric: str,
+                     notes: list[str] | None = None) -> TransferabilityResult:
+    """T per group from the fused sums of one fine-tuned set: `sums` (2, T, 5) for the
+    anchors (θr, θA) and the plan's T tensors, `numel` (T,) their element counts."""
+    notes = list(notes or [])
+    per_tensor = METRICS[metric](sums.double(), numel.double())  # (2, T)
     # cosine of a zero tensor (a bias at init) has no value: such tensors leave the
     # group means instead of turning every group into NaN.
     defined = torch.isfinite(per_tensor).all(0)
