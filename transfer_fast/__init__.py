@@ -8,6 +8,8 @@ from .checkpoints import load_state
 from .errors import TransferFastError
 from .layers import PRESETS, Plan, make_plan
 from .ops import BACKENDS, backend_status, multi_tensor_distance
+from .scan import ScanResult, scan
+from .similarity import SimilarityResult, similarity
 from .transferability import (
     METRICS,
     LayerDistances,
@@ -25,6 +27,8 @@ __all__ = [
     "PRESETS",
     "LayerDistances",
     "Plan",
+    "ScanResult",
+    "SimilarityResult",
     "TransferFastError",
     "TransferabilityResult",
     "backend_status",
@@ -32,6 +36,8 @@ __all__ = [
     "load_state",
     "make_plan",
     "multi_tensor_distance",
+    "scan",
+    "similarity",
     "transferability",
     "transferability_from_states",
 ]

@@ -28,6 +28,34 @@ def _cmd_measure(args) -> int:
     return 0
 
 
+def _cmd_scan(args) -> int:
+    from .scan import scan
+
+    if bool(args.manifest) == bool(args.finetuned):
+        raise TransferFastError("give fine-tuned checkpoints either as paths or as --manifest")
+    result = scan(args.finetuned, random=args.random, pretrained=args.pretrained,
+                  manifest=args.manifest, out=args.out, preset=args.preset, metric=args.metric,
+                  backend=args.backend, max_memory=args.max_memory, pairwise=args.pairwise,
+                  progress=not args.no_progress)
+    print(f"{result.done} measured, {result.failed} failed, {result.skipped} already done; "
+          f"tables and plots in {result.out}/")
+    return 0
+
+
+def _bytes(text: str) -> int:
+    """'512M', '2G', '1.5GB' or a plain byte count."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1] if t and t[-1] in units else ""
+    try:
+        value = float(t[:-1] if unit else t) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 512M or 2G, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return int(value)
+
+
 def _cmd_info(args) -> int:
     import torch
 
@@ -90,6 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--csv", help="write the per-group table as CSV")
     m.add_argument("--plot", help="write a PNG of T per group")
     m.set_defaults(func=_cmd_measure)
+
+    sc = sub.add_parser("scan", parents=[common],
+                        help="T of many fine-tuned checkpoints into a resumable run folder")
+    sc.add_argument("finetuned", nargs="*", help="fine-tuned checkpoints (or --manifest)")
+    sc.add_argument("--random", help="random init θr (or a 'random' manifest column)")
+    sc.add_argument("--pretrained", help="pre-trained θA (or a 'pretrained' manifest column)")
+    sc.add_argument("--manifest", help="CSV with a 'path' column and any user columns")
+    sc.add_argument("--out", required=True, help="run folder; rerunning it resumes")
+    sc.add_argument("--preset", default="auto", choices=PRESETS)
+    sc.add_argument("--metric", default="l1_mean", choices=tuple(METRICS))
+    sc.add_argument("--backend", default="auto", choices=BACKENDS)
+    sc.add_argument("--max-memory", type=_bytes, default=None,
+                    help="bytes of fine-tuned tensors in flight, e.g. 512M (sets the batch "
+                         "size K; default a quarter of free RAM or half of free GPU memory)")
+    sc.add_argument("--pairwise", action="store_true",
+                    help="also the cosine/L2 matrix of the fine-tuning updates")
+    sc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sc.set_defaults(func=_cmd_scan)
 
     i = sub.add_parser("info", parents=[common],
                        help="versions, available backends, built architectures")

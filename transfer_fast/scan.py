@@ -1,0 +1,364 @@
+"""Many-model scans: T of every fine-tuned checkpoint, streamed, batched, resumable, sharded.
+
+θr and θA are held in memory and read once per batch of K fine-tuned targets; the
+targets are memory-mapped and reduced segment by segment, pages given back as soon
+as a segment is done, so memory stays bounded whatever K is. A background thread
+opens the next batch while the current one is reduced. Under torchrun each rank
+takes every world_size-th pending checkpoint and rank 0 writes the tables.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import ops
+from .checkpoints import load_state
+from .errors import TransferFastError, first_few
+from .layers import Plan, make_plan
+from .runfolder import RunFolder, file_key
+from .streaming import MappedCheckpoint
+from .transferability import METRICS, result_from_sums
+
+SEGMENT_ELEMS = 1 << 19  # elements per target per kernel call: 2 MB of float32
+MAX_BATCH = 64
+
+
+@dataclass
+class ScanResult:
+    """Where the tables went, and the per-checkpoint status counts."""
+
+    out: Path
+    results_csv: Path
+    summary_csv: Path
+    done: int
+    failed: int
+    skipped: int
+
+
+def read_manifest(manifest: str | Path, random=None, pretrained=None):
+    """Rows {path, random, pretrained, columns} of a manifest CSV; relative paths are
+    taken from the manifest's folder. Returns (rows, user column names)."""
+    manifest = Path(manifest)
+    try:
+        with open(manifest, newline="") as f:
+            reader = csv.DictReader(f)
+            fields, records = list(reader.fieldnames or []), list(reader)
+    except OSError as exc:
+        raise TransferFastError(f"{manifest}: cannot read the manifest ({exc.strerror})") from exc
+    if "path" not in fields:
+        raise TransferFastError(f"{manifest}: no 'path' column (columns: {fields})")
+    user_columns = [c for c in fields if c not in ("path", "random", "pretrained")]
+    base = manifest.parent
+    rows = []
+    for rec in records:
+        def resolve(value, default):
+            return base / value if value else (Path(default) if default else None)
+        rows.append({"path": str(resolve(rec["path"], None)),
+                     "random": resolve(rec.get("random"), random),
+                     "pretrained": resolve(rec.get("pretrained"), pretrained),
+                     "columns": {c: rec.get(c) or "" for c in user_columns}})
+    return rows, user_columns
+
+
+def rows_from_paths(paths, random, pretrained):
+    return [{"path": str(p), "random": Path(random) if random else None,
+             "pretrained": Path(pretrained) if pretrained else None, "columns": {}}
+            for p in paths]
+
+
+def validate_rows(rows: list[dict]) -> None:
+    """Every problem of the manifest at once, before anything is computed."""
+    problems = []
+    seen, dupes = set(), []
+    for row in rows:
+        if row["path"] in seen:
+            dupes.append(row["path"])
+        seen.add(row["path"])
+    if not rows:
+        problems.append("no fine-tuned checkpoints given")
+    if dupes:
+        problems.append(f"duplicated paths: {first_few(dupes)}")
+    for role in ("random", "pretrained"):
+        if any(row[role] is None for row in rows):
+            problems.append(f"no {role} set: give --{role} or a '{role}' column")
+    missing = sorted({str(p) for row in rows for p in (row["path"], row["random"],
+                                                       row["pretrained"])
+                      if p is not None and not Path(p).is_file()})
+    if missing:
+        problems.append(f"{len(missing)} file(s) do not exist: {first_few(missing)}")
+    if problems:
+        raise TransferFastError("bad scan input: " + "; ".join(problems))
+
+
+def _segments(numels: list[int], size: int) -> list[list[tuple[int, int, int]]]:
+    """Kernel calls of at most `size` elements each: (tensor, start, end) pieces in order."""
+    calls, current, filled = [], [], 0
+    for t, n in enumerate(numels):
+        start = 0
+        while start < n:
+            take = min(n - start, size - filled)
+            current.append((t, start, start + take))
+            filled, start = filled + take, start + take
+            if filled == size:
+                calls.append(current)
+                current, filled = [], 0
+    return calls + ([current] if current else [])
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes the targets in flight may take: half the free GPU memory, or a quarter of
+    the available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f
+                         if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        avail = 4 << 30
+    return avail // 4
+
+
+def _open(path: str) -> tuple[MappedCheckpoint | None, str]:
+    """Opens (and asks the kernel to read ahead) one checkpoint; runs in the prefetch thread."""
+    try:
+        ck = MappedCheckpoint(path)
+        ck.prefetch()
+        return ck, ""
+    except TransferFastError as exc:
+        return None, str(exc)
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        return None, f"{path}: {type(exc).__name__}: {exc}"
+
+
+class _PairScan:
+    """All checkpoints fine-tuned from one (θr, θA) pair: the Plan per architecture,
+    the anchors on the device, and the batched, segmented reduction."""
+
+    def __init__(self, random: Path, pretrained: Path, opts: dict):
+        self.opts = opts
+        self.labels = [f"random ({random})", f"pretrained ({pretrained})"]
+        self.shared = [load_state(random), load_state(pretrained)]
+        self.plans: dict[tuple, tuple | TransferFastError] = {}
+
+    def _entry(self, ck: MappedCheckpoint):
+        key = tuple(ck.shapes.items())
+        if key not in self.plans:
+            try:
+                states = [*self.shared, {n: ck.tensor(n) for n in ck.shapes}]
+                plan = make_plan(states, self.opts["preset"],
+                                 labels=[*self.labels, "the fine-tuned set"])
+                device = self.opts["device"]
+                anchors = [[s[n].to(device).reshape(-1) for n in plan.names]
+                           for s in self.shared]
+                bad = [f"{n} in {lab}" for anc, lab in zip(anchors, self.labels)
+                       for n, x in zip(plan.names, anc) if not torch.isfinite(x).all()]
+                if bad:
+                    raise TransferFastError(f"NaN or Inf in {first_few(bad, 3)}")
+                numels = [x.numel() for x in anchors[0]]
+                self.plans[key] = (plan, anchors, _segments(numels, SEGMENT_ELEMS),
+                                   torch.tensor(numels, dtype=torch.float64))
+            except TransferFastError as exc:
+                self.plans[key] = exc
+        return self.plans[key]
+
+    def _reduce(self, plan: Plan, anchors, calls, cks) -> torch.Tensor:
+        """(2, K, T, 5) sums: θr and θA read once, each target once, segment by segment."""
+        device, backend = self.opts["device"], self.opts["backend"]
+        flats = [[ck.tensor(n).reshape(-1) for n in plan.names] for ck in cks]
+        out = torch.zeros(2, len(cks), len(plan.names), 5, dtype=torch.float64)
+        for call in calls:
+            index = [t for t, _, _ in call]
+            a_sets = [[anc[t][s:e] for t, s, e in call] for anc in anchors]
+            b_sets = [[fl[t][s:e].to(device) for t, s, e in call] for fl in flats]
+            out[:, :, index] += ops.multi_tensor_distance(a_sets, b_sets,
+                                                          backend=backend).cpu()
+            for ck in cks:
+                for t, s, e in call:
+                    ck.release(plan.names[t], s, e)
+        return out
+
+    def run_batch(self, opened: list[tuple[dict, MappedCheckpoint | None, str]]) -> list[dict]:
+        """Records for one batch; checkpoints that cannot be measured become failed rows."""
+        start = time.perf_counter()
+        records, by_plan = {}, {}
+        for row, ck, error in opened:
+            entry = self._entry(ck) if ck is not None else None
+            if ck is None or isinstance(entry, TransferFastError):
+                records[row["path"]] = _failed(row, error or str(entry))
+            else:
+                by_plan.setdefault(id(entry), (entry, []))[1].append((row, ck))
+        for (plan, anchors, calls, numel), members in by_plan.values():
+            sums = self._reduce(plan, anchors, calls, [ck for _, ck in members])
+            for k, (row, ck) in enumerate(members):
+                records[row["path"]] = self._record(row, ck, plan, sums[:, k], numel)
+        seconds = (time.perf_counter() - start) / max(1, len(opened))
+        out = []
+        for row, ck, _ in opened:
+            records[row["path"]]["summary"]["seconds"] = seconds  # the batch, shared evenly
+            out.append(records[row["path"]])
+            if ck is not None:
+                ck.close()
+        return out
+
+    def _record(self, row, ck, plan: Plan, sums: torch.Tensor, numel) -> dict:
+        bad = [n for n, sq in zip(plan.names, sums[0, :, 4].tolist())
+               if sq != sq or sq in (float("inf"), float("-inf"))]
+        bad = [n for n in bad if not torch.isfinite(ck.tensor(n)).all()]
+        if bad:
+            return _failed(row, f"{row['path']}: NaN or Inf in {first_few(bad, 3)}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            res = result_from_sums(sums, plan, numel, metric=self.opts["metric"])
+        return {"key": file_key(row["path"]), "groups": res.groups, "d_random": res.d_random,
+                "d_pretrained": res.d_pretrained, "T": res.values, "warnings": res.warnings,
+                "summary": {"overall_T": res.overall, "status": "ok", "error": "",
+                            "seconds": 0.0}}
+
+
+def _failed(row: dict, error: str) -> dict:
+    key = file_key(row["path"]) if Path(row["path"]).is_file() else [row["path"], -1, -1]
+    return {"key": key, "groups": [], "d_random": [], "d_pretrained": [], "T": [],
+            "summary": {"overall_T": float("nan"), "status": "failed",
+                        "error": error.splitlines()[0] if error else "failed",
+                        "seconds": 0.0}}
+
+
+def _distributed(backend: str) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether this call started the process group) under
+    torchrun, or (0, 1, device, False) for one process."""
+    use_cuda = backend == "cuda" or (backend == "auto" and torch.cuda.is_available())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, started = 0, False
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+            started = True
+        rank = dist.get_rank()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device, started
+
+
+def _agree(world: int, error: str = "") -> None:
+    """A barrier that also carries rank 0's error, so no rank waits on one that failed."""
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise TransferFastError(error)
+
+
+def _pairs(rows: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["random"], row["pretrained"]), []).append(row)
+    return groups
+
+
+def _scan_rows(rows: list[dict], folder: RunFolder, opts: dict, batch: int, bar) -> int:
+    """Measures `rows`, appending each record to the journal; returns how many failed."""
+    failed = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        for (random, pretrained), pair_rows in _pairs(rows).items():
+            pair = _PairScan(random, pretrained, opts)
+            batches = [pair_rows[i:i + batch] for i in range(0, len(pair_rows), batch)]
+            ahead = [pool.submit(_open, row["path"]) for row in batches[0]]
+            for i, current in enumerate(batches):
+                opened = [(row, *future.result()) for row, future in zip(current, ahead)]
+                if i + 1 < len(batches):  # the next batch opens while this one reduces
+                    ahead = [pool.submit(_open, row["path"]) for row in batches[i + 1]]
+                for record in pair.run_batch(opened):
+                    folder.append(record)
+                    failed += record["summary"]["status"] != "ok"
+                    bar.update(1)
+    return failed
+
+
+def scan(finetuned=None, *, random=None, pretrained=None, manifest=None, out,
+         preset: str = "auto", metric: str = "l1_mean", backend: str = "auto",
+         max_memory: int | None = None, pairwise: bool = False,
+         progress: bool = True) -> ScanResult:
+    """T of every fine-tuned checkpoint in `finetuned` (paths) or `manifest` (a CSV with a
+    `path` column, optional `random`/`pretrained` columns and any user columns), into
+    the run folder `out`: results.csv, summary.csv, T_heatmap.png, T_curves.png.
+
+    Resumable: checkpoints already measured (same path, size and mtime) are skipped.
+    A checkpoint that cannot be measured becomes a `failed` row; the scan goes on.
+    `max_memory` bounds the bytes of targets in flight (default: a quarter of the free
+    RAM, or half the free GPU memory) and so sets K, the targets per batch.
+    """
+    if metric not in METRICS:
+        raise TransferFastError(f"unknown metric {metric!r}: expected one of {tuple(METRICS)}")
+    if manifest is not None:
+        rows, user_columns = read_manifest(manifest, random, pretrained)
+    else:
+        rows, user_columns = rows_from_paths(finetuned or [], random, pretrained), []
+    validate_rows(rows)
+    rank, world, device, started = _distributed(backend)
+    try:
+        return _scan(rows, user_columns, out, rank, world, device, preset=preset, metric=metric,
+                     backend=backend, max_memory=max_memory, pairwise=pairwise,
+                     progress=progress, random=random, pretrained=pretrained)
+    finally:
+        if started:  # a process group left to interpreter exit aborts in gloo's threads
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _scan(rows, user_columns, out, rank, world, device, *, preset, metric, backend, max_memory,
+          pairwise, progress, random, pretrained) -> ScanResult:
+    config = {"preset": preset, "metric": metric, "columns": user_columns,
+              "random": str(random) if random else None,
+              "pretrained": str(pretrained) if pretrained else None}
+    folder = RunFolder(out, config, rank)
+    error = ""
+    if rank == 0:
+        try:
+            folder.prepare()
+        except TransferFastError as exc:
+            error = str(exc)
+    _agree(world, error)
+    records = folder.records()
+    pending = [r for r in rows if not _is_done(records.get(r["path"]), r["path"])]
+    _agree(world)  # every rank has read the journals before any rank appends to them
+    mine = pending[rank::world]
+    budget = max_memory or default_memory_budget(device)
+    batch = max(1, min(MAX_BATCH, budget // (SEGMENT_ELEMS * 4)))
+    opts = {"preset": preset, "metric": metric, "backend": backend, "device": device}
+    bar = tqdm(total=len(mine), unit="ckpt", desc=f"scan rank {rank}" if world > 1 else "scan",
+               disable=None if progress else True)
+    try:
+        failed = _scan_rows(mine, folder, opts, batch, bar)
+    finally:
+        bar.close()
+    _agree(world)
+    if rank == 0:
+        from .scan_report import write_outputs
+
+        write_outputs(folder, rows, user_columns, pairwise=pairwise, preset=preset,
+                      backend=backend)
+    _agree(world)
+    return ScanResult(folder.out, folder.out / "results.csv", folder.out / "summary.csv",
+                      done=len(mine) - failed, failed=failed, skipped=len(rows) - len(pending))
+
+
+def _is_done(record: dict | None, path: str) -> bool:
+    return (record is not None and record["summary"]["status"] == "ok"
+            and Path(path).is_file() and record["key"] == file_key(path))
