@@ -83,9 +83,13 @@ def _unwrap(obj: object, origin: str) -> dict[str, torch.Tensor]:
         hint = (f"; tensors sit in nested entries {first_few(nested)}: pass the one holding "
                 "the parameters") if nested else ""
         raise TransferFastError(f"{origin}: holds no tensors{hint}")
-    # DataParallel / DistributedDataParallel prefix every name with 'module.'.
-    if all(name.startswith("module.") for name in state):
-        state = {name[len("module."):]: v for name, v in state.items()}
+    return strip_module_prefix(state)
+
+
+def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DataParallel / DistributedDataParallel prefix every name with 'module.'."""
+    if state and all(name.startswith("module.") for name in state):
+        return {name[len("module."):]: v for name, v in state.items()}
     return state
 
 

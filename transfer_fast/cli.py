@@ -37,8 +37,9 @@ def _cmd_scan(args) -> int:
                   manifest=args.manifest, out=args.out, preset=args.preset, metric=args.metric,
                   backend=args.backend, max_memory=args.max_memory, pairwise=args.pairwise,
                   progress=not args.no_progress)
-    print(f"{result.done} measured, {result.failed} failed, {result.skipped} already done; "
-          f"tables and plots in {result.out}/")
+    if result.rank == 0:
+        print(f"{result.done} measured, {result.failed} failed, {result.skipped} already "
+              f"done; tables and plots in {result.out}/")
     return 0
 
 
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (TransferFastError, RuntimeError) as exc:
+    except (TransferFastError, RuntimeError, OSError) as exc:
         if args.debug:
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

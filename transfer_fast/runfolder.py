@@ -10,6 +10,7 @@ a resumed run writes the same tables as an uninterrupted one.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import time
@@ -35,6 +36,7 @@ class RunFolder:
         self.out = Path(out)
         self.config = config
         self.journal = self.out / f"journal.rank{rank}.jsonl"
+        self._repaired = False
 
     def prepare(self) -> None:
         """Creates the folder and records the config; refuses a folder made differently."""
@@ -48,7 +50,11 @@ class RunFolder:
                                     f"({exc.strerror})") from exc
         path = self.out / "config.json"
         if path.exists():
-            old = json.loads(path.read_text())
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise TransferFastError(f"{path}: unreadable; to start fresh, choose another "
+                                        "--out or delete that folder") from exc
             diff = [f"{k}: {old.get(k)!r} then, {v!r} now" for k, v in self.config.items()
                     if old.get(k) != v]
             if diff:
@@ -73,8 +79,20 @@ class RunFolder:
                         latest[path] = record
         return latest
 
+    def _repair(self) -> None:
+        """Cuts a torn last line (a killed write) so the next record starts on its own line."""
+        self._repaired = True
+        if not self.journal.exists():
+            return
+        with open(self.journal, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+
     def append(self, record: dict) -> None:
         """Adds one finished checkpoint to this rank's journal, durably."""
+        if not self._repaired:
+            self._repair()
         record["time"] = time.time_ns()
         line = json.dumps(record) + "\n"
         with open(self.journal, "a") as f:
@@ -82,9 +100,9 @@ class RunFolder:
             f.flush()
             os.fsync(f.fileno())
 
-    def write_tables(self, rows: Iterable[dict], user_columns: list[str]) -> tuple[Path, Path]:
-        """results.csv and summary.csv for the manifest `rows` (in their order)."""
-        records = self.records()
+    def write_tables(self, rows: Iterable[dict], user_columns: list[str],
+                     records: dict[str, dict]) -> tuple[Path, Path]:
+        """results.csv and summary.csv of `records` for the manifest `rows`, in their order."""
         results, summary = [], []
         for row in rows:
             record = records.get(str(row["path"]))
@@ -105,8 +123,6 @@ class RunFolder:
 
 
 def _csv(rows: list[list]) -> str:
-    import io
-
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows)
     return buf.getvalue()

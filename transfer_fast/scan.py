@@ -26,7 +26,7 @@ from .errors import TransferFastError, first_few
 from .layers import Plan, make_plan
 from .runfolder import RunFolder, file_key
 from .streaming import MappedCheckpoint
-from .transferability import METRICS, result_from_sums
+from .transferability import check_metric, result_from_sums
 
 SEGMENT_ELEMS = 1 << 19  # elements per target per kernel call: 2 MB of float32
 MAX_BATCH = 64
@@ -42,11 +42,19 @@ class ScanResult:
     done: int
     failed: int
     skipped: int
+    rank: int = 0  # under torchrun, only rank 0 writes the tables
+
+
+def _row(path, random, pretrained, columns: dict) -> dict:
+    """One checkpoint to measure; absolute paths, so resuming works from any folder."""
+    absolute = lambda p: os.path.abspath(p) if p else None  # noqa: E731
+    return {"path": absolute(path), "random": absolute(random),
+            "pretrained": absolute(pretrained), "columns": columns}
 
 
 def read_manifest(manifest: str | Path, random=None, pretrained=None):
-    """Rows {path, random, pretrained, columns} of a manifest CSV; relative paths are
-    taken from the manifest's folder. Returns (rows, user column names)."""
+    """Rows of a manifest CSV (`path`, optional `random`/`pretrained`, user columns);
+    relative paths are taken from the manifest's folder. Returns (rows, user columns)."""
     manifest = Path(manifest)
     try:
         with open(manifest, newline="") as f:
@@ -57,26 +65,22 @@ def read_manifest(manifest: str | Path, random=None, pretrained=None):
     if "path" not in fields:
         raise TransferFastError(f"{manifest}: no 'path' column (columns: {fields})")
     user_columns = [c for c in fields if c not in ("path", "random", "pretrained")]
-    base = manifest.parent
-    rows = []
-    for rec in records:
-        def resolve(value, default):
-            return base / value if value else (Path(default) if default else None)
-        rows.append({"path": str(resolve(rec["path"], None)),
-                     "random": resolve(rec.get("random"), random),
-                     "pretrained": resolve(rec.get("pretrained"), pretrained),
-                     "columns": {c: rec.get(c) or "" for c in user_columns}})
+    empty = [str(i + 2) for i, rec in enumerate(records) if not (rec["path"] or "").strip()]
+    if empty:
+        raise TransferFastError(f"{manifest}: empty path on line(s) {', '.join(empty)}")
+
+    def cell(rec, column, default=None):
+        value = (rec.get(column) or "").strip()
+        return manifest.parent / value if value else default
+
+    rows = [_row(cell(rec, "path"), cell(rec, "random", random),
+                 cell(rec, "pretrained", pretrained),
+                 {c: (rec.get(c) or "").strip() for c in user_columns}) for rec in records]
     return rows, user_columns
 
 
-def rows_from_paths(paths, random, pretrained):
-    return [{"path": str(p), "random": Path(random) if random else None,
-             "pretrained": Path(pretrained) if pretrained else None, "columns": {}}
-            for p in paths]
-
-
 def validate_rows(rows: list[dict]) -> None:
-    """Every problem of the manifest at once, before anything is computed."""
+    """Every problem of the input at once, before anything is computed."""
     problems = []
     seen, dupes = set(), []
     for row in rows:
@@ -88,10 +92,11 @@ def validate_rows(rows: list[dict]) -> None:
     if dupes:
         problems.append(f"duplicated paths: {first_few(dupes)}")
     for role in ("random", "pretrained"):
-        if any(row[role] is None for row in rows):
-            problems.append(f"no {role} set: give --{role} or a '{role}' column")
-    missing = sorted({str(p) for row in rows for p in (row["path"], row["random"],
-                                                       row["pretrained"])
+        lacking = [row["path"] for row in rows if row[role] is None]
+        if lacking:
+            problems.append(f"no {role} set for {first_few(lacking, 3)}: give --{role} or a "
+                            f"'{role}' column")
+    missing = sorted({p for row in rows for p in (row["path"], row["random"], row["pretrained"])
                       if p is not None and not Path(p).is_file()})
     if missing:
         problems.append(f"{len(missing)} file(s) do not exist: {first_few(missing)}")
@@ -136,7 +141,7 @@ def _open(path: str) -> tuple[MappedCheckpoint | None, str]:
         return ck, ""
     except TransferFastError as exc:
         return None, str(exc)
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+    except Exception as exc:  # any unreadable file is a failed row, never the scan's end
         return None, f"{path}: {type(exc).__name__}: {exc}"
 
 
@@ -144,22 +149,24 @@ class _PairScan:
     """All checkpoints fine-tuned from one (θr, θA) pair: the Plan per architecture,
     the anchors on the device, and the batched, segmented reduction."""
 
-    def __init__(self, random: Path, pretrained: Path, opts: dict):
+    def __init__(self, random: str, pretrained: str, opts: dict):
         self.opts = opts
         self.labels = [f"random ({random})", f"pretrained ({pretrained})"]
-        self.shared = [load_state(random), load_state(pretrained)]
-        self.plans: dict[tuple, tuple | TransferFastError] = {}
+        self.anchor_keys = [file_key(random), file_key(pretrained)]
+        device = opts["device"]
+        self.shared = [{n: t.to(device) for n, t in load_state(p).items()}
+                       for p in (random, pretrained)]
+        self.plans: dict[tuple, tuple | str] = {}
 
     def _entry(self, ck: MappedCheckpoint):
-        key = tuple(ck.shapes.items())
+        """(plan, anchors, kernel calls, numel) for this architecture, or why it fails."""
+        key = tuple(sorted((n, s, ck.tensor(n).dtype) for n, s in ck.shapes.items()))
         if key not in self.plans:
             try:
                 states = [*self.shared, {n: ck.tensor(n) for n in ck.shapes}]
                 plan = make_plan(states, self.opts["preset"],
                                  labels=[*self.labels, "the fine-tuned set"])
-                device = self.opts["device"]
-                anchors = [[s[n].to(device).reshape(-1) for n in plan.names]
-                           for s in self.shared]
+                anchors = [[s[n].reshape(-1) for n in plan.names] for s in self.shared]
                 bad = [f"{n} in {lab}" for anc, lab in zip(anchors, self.labels)
                        for n, x in zip(plan.names, anc) if not torch.isfinite(x).all()]
                 if bad:
@@ -167,8 +174,8 @@ class _PairScan:
                 numels = [x.numel() for x in anchors[0]]
                 self.plans[key] = (plan, anchors, _segments(numels, SEGMENT_ELEMS),
                                    torch.tensor(numels, dtype=torch.float64))
-            except TransferFastError as exc:
-                self.plans[key] = exc
+            except TransferFastError as exc:  # cached as text: no traceback holds the views
+                self.plans[key] = str(exc)
         return self.plans[key]
 
     def _reduce(self, plan: Plan, anchors, calls, cks) -> torch.Tensor:
@@ -192,9 +199,10 @@ class _PairScan:
         start = time.perf_counter()
         records, by_plan = {}, {}
         for row, ck, error in opened:
-            entry = self._entry(ck) if ck is not None else None
-            if ck is None or isinstance(entry, TransferFastError):
-                records[row["path"]] = _failed(row, error or str(entry))
+            entry = self._entry(ck) if ck is not None else error
+            if isinstance(entry, str):
+                records[row["path"]] = _failed(row, f"{row['path']}: {entry}"
+                                               if ck is not None else entry)
             else:
                 by_plan.setdefault(id(entry), (entry, []))[1].append((row, ck))
         for (plan, anchors, calls, numel), members in by_plan.values():
@@ -219,15 +227,16 @@ class _PairScan:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             res = result_from_sums(sums, plan, numel, metric=self.opts["metric"])
-        return {"key": file_key(row["path"]), "groups": res.groups, "d_random": res.d_random,
-                "d_pretrained": res.d_pretrained, "T": res.values, "warnings": res.warnings,
+        return {"key": ck.key, "anchors": self.anchor_keys, "groups": res.groups,
+                "d_random": res.d_random, "d_pretrained": res.d_pretrained, "T": res.values,
                 "summary": {"overall_T": res.overall, "status": "ok", "error": "",
                             "seconds": 0.0}}
 
 
 def _failed(row: dict, error: str) -> dict:
-    key = file_key(row["path"]) if Path(row["path"]).is_file() else [row["path"], -1, -1]
-    return {"key": key, "groups": [], "d_random": [], "d_pretrained": [], "T": [],
+    """A checkpoint that could not be measured; retried by the next run."""
+    return {"key": [row["path"], -1, -1], "groups": [], "d_random": [], "d_pretrained": [],
+            "T": [],
             "summary": {"overall_T": float("nan"), "status": "failed",
                         "error": error.splitlines()[0] if error else "failed",
                         "seconds": 0.0}}
@@ -276,7 +285,14 @@ def _scan_rows(rows: list[dict], folder: RunFolder, opts: dict, batch: int, bar)
     failed = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
         for (random, pretrained), pair_rows in _pairs(rows).items():
-            pair = _PairScan(random, pretrained, opts)
+            try:
+                pair = _PairScan(random, pretrained, opts)
+            except TransferFastError as exc:  # a bad θr/θA fails its rows, not the scan
+                for row in pair_rows:
+                    folder.append(_failed(row, str(exc)))
+                    bar.update(1)
+                failed += len(pair_rows)
+                continue
             batches = [pair_rows[i:i + batch] for i in range(0, len(pair_rows), batch)]
             ahead = [pool.submit(_open, row["path"]) for row in batches[0]]
             for i, current in enumerate(batches):
@@ -303,12 +319,12 @@ def scan(finetuned=None, *, random=None, pretrained=None, manifest=None, out,
     `max_memory` bounds the bytes of targets in flight (default: a quarter of the free
     RAM, or half the free GPU memory) and so sets K, the targets per batch.
     """
-    if metric not in METRICS:
-        raise TransferFastError(f"unknown metric {metric!r}: expected one of {tuple(METRICS)}")
+    check_metric(metric)
     if manifest is not None:
         rows, user_columns = read_manifest(manifest, random, pretrained)
     else:
-        rows, user_columns = rows_from_paths(finetuned or [], random, pretrained), []
+        rows = [_row(p, random, pretrained, {}) for p in (finetuned or [])]
+        user_columns = []
     validate_rows(rows)
     rank, world, device, started = _distributed(backend)
     try:
@@ -336,7 +352,7 @@ def _scan(rows, user_columns, out, rank, world, device, *, preset, metric, backe
             error = str(exc)
     _agree(world, error)
     records = folder.records()
-    pending = [r for r in rows if not _is_done(records.get(r["path"]), r["path"])]
+    pending = [r for r in rows if not _is_done(records.get(r["path"]), r)]
     _agree(world)  # every rank has read the journals before any rank appends to them
     mine = pending[rank::world]
     budget = max_memory or default_memory_budget(device)
@@ -348,7 +364,7 @@ def _scan(rows, user_columns, out, rank, world, device, *, preset, metric, backe
         failed = _scan_rows(mine, folder, opts, batch, bar)
     finally:
         bar.close()
-    _agree(world)
+    failed = _total(world, failed)  # also the barrier before rank 0 reads every journal
     if rank == 0:
         from .scan_report import write_outputs
 
@@ -356,9 +372,23 @@ def _scan(rows, user_columns, out, rank, world, device, *, preset, metric, backe
                       backend=backend)
     _agree(world)
     return ScanResult(folder.out, folder.out / "results.csv", folder.out / "summary.csv",
-                      done=len(mine) - failed, failed=failed, skipped=len(rows) - len(pending))
+                      done=len(pending) - failed, failed=failed,
+                      skipped=len(rows) - len(pending), rank=rank)
 
 
-def _is_done(record: dict | None, path: str) -> bool:
+def _total(world: int, count: int) -> int:
+    """The sum of `count` over all ranks."""
+    if world == 1:
+        return count
+    import torch.distributed as dist
+
+    counts = [0] * world
+    dist.all_gather_object(counts, count)
+    return sum(counts)
+
+
+def _is_done(record: dict | None, row: dict) -> bool:
+    """Measured before from the same files: the checkpoint and both anchors unchanged."""
     return (record is not None and record["summary"]["status"] == "ok"
-            and Path(path).is_file() and record["key"] == file_key(path))
+            and record["key"] == file_key(row["path"])
+            and record.get("anchors") == [file_key(row["random"]), file_key(row["pretrained"])])

@@ -3,43 +3,38 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 from . import report
 from .runfolder import RunFolder
+from .similarity import default_labels, similarity
 
-
-def _labels(paths: list[str]) -> list[str]:
-    """File names, or paths where file names repeat."""
-    names = [Path(p).name for p in paths]
-    return names if len(set(names)) == len(names) else paths
+# The pairwise view holds every member's update in memory: it is meant for a few dozen.
+MAX_PAIRWISE = 64
 
 
 def write_outputs(folder: RunFolder, rows: list[dict], user_columns: list[str], *,
                   pairwise: bool = False, preset: str = "auto", backend: str = "auto") -> None:
     """results.csv and summary.csv, then T_heatmap.png and T_curves.png of the measured
     checkpoints that share the most common grouping, and pairwise.csv/.png if asked."""
-    folder.write_tables(rows, user_columns)
     records = folder.records()
+    folder.write_tables(rows, user_columns, records)
     ok = [(r["path"], records[r["path"]]) for r in rows
           if r["path"] in records and records[r["path"]]["summary"]["status"] == "ok"]
     if not ok:
         return
     groups = Counter(tuple(rec["groups"]) for _, rec in ok).most_common(1)[0][0]
     same = [(p, rec) for p, rec in ok if tuple(rec["groups"]) == groups]
-    labels = _labels([p for p, _ in same])
+    labels = default_labels([p for p, _ in same])
     values = [[float(v) for v in rec["T"]] for _, rec in same]
     report.plot_heatmap(labels, list(groups), values, folder.out / "T_heatmap.png",
                         title=f"T per group, {len(same)} checkpoints")
     report.plot_group_curves(labels, list(groups), values, folder.out / "T_curves.png")
     if pairwise and len(same) >= 2:
-        from .similarity import similarity
-
         row_of = {r["path"]: r for r in rows}
         reference = row_of[same[0][0]]["pretrained"]
-        members = [p for p, _ in same if row_of[p]["pretrained"] == reference]
+        members = [p for p, _ in same if row_of[p]["pretrained"] == reference][:MAX_PAIRWISE]
         sim = similarity(members, reference, preset=preset, backend=backend,
-                         labels=_labels(members))
+                         labels=default_labels(members))
         sim.write_csv(folder.out / "pairwise.csv")
         sim.plot(folder.out / "pairwise.png")
 

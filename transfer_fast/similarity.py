@@ -63,7 +63,7 @@ class SimilarityResult:
                         title=title or f"Fine-tuning updates, {group}")
 
 
-def _default_labels(sources: Sequence[StateSource]) -> list[str]:
+def default_labels(sources: Sequence[StateSource]) -> list[str]:
     """File stems for paths, else the position; whole paths where stems repeat."""
     stems = [Path(s).stem if isinstance(s, (str, Path)) else str(i)
              for i, s in enumerate(sources)]
@@ -102,7 +102,7 @@ def similarity(checkpoints: Sequence[StateSource], reference: StateSource, *,
     if len(checkpoints) < 2:
         raise TransferFastError(f"similarity needs at least 2 checkpoints to compare, got "
                                 f"{len(checkpoints)}")
-    labels = [str(x) for x in labels] if labels is not None else _default_labels(checkpoints)
+    labels = [str(x) for x in labels] if labels is not None else default_labels(checkpoints)
     if len(labels) != len(checkpoints):
         raise TransferFastError(f"{len(labels)} labels for {len(checkpoints)} checkpoints")
     ref = load_state(reference)

@@ -46,7 +46,7 @@ METRICS = {
 }
 
 
-def _check_metric(metric: str) -> None:
+def check_metric(metric: str) -> None:
     if metric not in METRICS:
         raise TransferFastError(f"unknown metric {metric!r}: expected one of {tuple(METRICS)}")
 
@@ -83,7 +83,7 @@ def layer_distances(a: StateSource, b: StateSource, *,
                     backend: str = "auto") -> LayerDistances:
     """Every metric for every learned tensor the two sets share, in one fused pass."""
     for metric in metrics:
-        _check_metric(metric)
+        check_metric(metric)
     states = [load_state(a), load_state(b)]
     plan = make_plan(states, "generic", labels=["first set", "second set"])
     sets = [[s[n] for n in plan.names] for s in states]
@@ -128,7 +128,7 @@ def transferability(random: StateSource, pretrained: StateSource, finetuned: Sta
     over the groups other than the classifier. A zero D(θA, θB) gives T = inf for
     that group (NaN if D(θr, θB) is zero too), reported in `warnings`.
     """
-    _check_metric(metric)
+    check_metric(metric)
     labels = [_label(r, s) for r, s in
               (("random", random), ("pretrained", pretrained), ("finetuned", finetuned))]
     states = [load_state(random), load_state(pretrained), load_state(finetuned)]

@@ -1,0 +1,237 @@
+"""Peak resident memory of a 32-checkpoint scan, and the ratios of the scan benchmarks.
+
+    .venv/bin/python -m benchmarks.scan_memory [--folder DIR] [--batches 32 1]
+    .venv/bin/python -m benchmarks.scan_memory --ratios /tmp/scan_A.json [/tmp/scan_B.json]
+
+Memory: each scan runs in a fresh child process that imports transfer_fast and nothing
+else, takes its VmRSS as the baseline, runs `transfer_fast.scan` over the 32 fine-tuned
+ResNet-50 checkpoints of `test_scan_speed.py` (written to DIR, or to a temporary folder
+deleted afterwards) and reports its VmHWM (peak RSS) from /proc/self/status. A thread
+samples VmRSS/RssAnon/RssFile every 5 ms to split the peak into anonymous memory and
+mapped file pages (page cache pages mapped by the process count in RSS). The parent
+cross-checks with getrusage(RUSAGE_CHILDREN).ru_maxrss. K is the scan's default
+(`--batches default`, K = 32 here) or forced through `max_memory`.
+
+Ratios: per group of the last pytest-benchmark file, each entry's time and
+baseline_time / entry_time for the loops (a speedup), entry_time / read_time for the
+bare reads (the issue's "within 1.3x of the bare read time"), and with several files
+the scan's ratios in each run and their median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from .test_scan_speed import FORMATS, NUM_FINETUNED, warm_page_cache, workload, \
+    write_checkpoints
+
+MB = 1 << 20
+
+# Runs in the child: transfer_fast is the only import of note before the baseline.
+CHILD = r"""
+import json, sys, threading, time
+import transfer_fast
+
+def status():
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+baseline = status()
+peak = dict(baseline)
+stop = threading.Event()
+
+def sample():
+    while not stop.is_set():
+        s = status()
+        if s["VmRSS"] > peak["VmRSS"]:
+            peak.update(s)
+        time.sleep(0.005)
+
+args = json.loads(sys.argv[1])
+if args.get("preload_pyplot"):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+    print(json.dumps({"baseline": baseline["VmRSS"], "after": status()["VmRSS"]}))
+    sys.exit(0)
+thread = threading.Thread(target=sample, daemon=True)
+thread.start()
+start = time.perf_counter()
+res = transfer_fast.scan(args["paths"], random=args["random"], pretrained=args["pretrained"],
+                         out=args["out"], max_memory=args["max_memory"], progress=False)
+seconds = time.perf_counter() - start
+stop.set()
+thread.join()
+end = status()
+print(json.dumps({"baseline": baseline["VmRSS"], "hwm": end["VmHWM"], "end": end["VmRSS"],
+                  "sampled": peak, "seconds": seconds, "done": res.done,
+                  "failed": res.failed}))
+"""
+
+
+def child(args: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], check=True,
+                          capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def max_memory_for(batch: str) -> int | None:
+    """`max_memory` that makes the scan choose K = batch (scan.py: budget // 2 MB)."""
+    if batch == "default":
+        return None
+    from transfer_fast.scan import SEGMENT_ELEMS
+
+    return int(batch) * SEGMENT_ELEMS * 4
+
+
+def measure(folder: Path, formats, batches) -> list[dict]:
+    from .test_scan_speed import batch_size
+
+    rows = []
+    for fmt in formats:
+        w = workload(folder, fmt)
+        warm_page_cache([w.random, w.pretrained, *w.finetuned])
+        for batch in batches:
+            out = w.runs / f"memory-{fmt}-K{batch}"
+            shutil.rmtree(out, ignore_errors=True)
+            r = child({"paths": [str(p) for p in w.finetuned], "random": str(w.random),
+                       "pretrained": str(w.pretrained), "out": str(out),
+                       "max_memory": max_memory_for(batch)})
+            assert (r["done"], r["failed"]) == (len(w.finetuned), 0), r
+            shutil.rmtree(out, ignore_errors=True)
+            rows.append({"format": fmt, "K": batch_size() if batch == "default" else int(batch),
+                         "checkpoint": w.checkpoint_bytes,
+                         "ru_maxrss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+                         * 1024, **r})
+    return rows
+
+
+def memory_table(rows: list[dict], pyplot: dict) -> list[str]:
+    lines = ["| format | K | peak RSS - baseline MB | in checkpoints | < 3 checkpoints | "
+             "at peak: anon / file MB | baseline MB | scan s |",
+             "|---|--:|--:|--:|:-:|--:|--:|--:|"]
+    for r in rows:
+        extra = r["hwm"] - r["baseline"]
+        s = r["sampled"]
+        lines.append(
+            f"| {r['format']} | {r['K']} | {extra / MB:.0f} | {extra / r['checkpoint']:.2f} | "
+            f"{'yes' if extra < 3 * r['checkpoint'] else 'NO'} | "
+            f"{s.get('RssAnon', 0) / MB:.0f} / {s.get('RssFile', 0) / MB:.0f} | "
+            f"{r['baseline'] / MB:.0f} | {r['seconds']:.2f} |")
+    sizes = sorted({r["checkpoint"] for r in rows})
+    lines += ["", f"One fine-tuned checkpoint file: {', '.join(f'{b / MB:.1f} MB' for b in sizes)}"
+              f" (3 checkpoints: {', '.join(f'{3 * b / MB:.0f} MB' for b in sizes)}). "
+              f"Importing matplotlib.pyplot (the scan's plots) adds "
+              f"{(pyplot['after'] - pyplot['baseline']) / MB:.0f} MB to a process that has "
+              f"imported transfer_fast. The parent's ru_maxrss over all children: "
+              f"{max(r['ru_maxrss'] for r in rows) / MB:.0f} MB (absolute, baseline included)."]
+    return lines
+
+
+# ---- ratios of the pytest-benchmark runs -------------------------------------------
+
+SPEEDUPS = ("script_loop", "measure_loop", "measure_loop_auto")  # baseline / entry
+READS = ("read_only", "read_touch")  # entry / read: the issue's "within 1.3x"
+
+
+def load_groups(path: str, stat: str) -> dict[str, dict[str, tuple[float, dict]]]:
+    with open(path) as f:
+        data = json.load(f)
+    groups: dict[str, dict] = defaultdict(dict)
+    for bench in data["benchmarks"]:
+        if bench["group"].startswith("scan"):
+            info = bench["extra_info"]
+            groups[bench["group"]][info["entry"]] = (bench["stats"][stat], info)
+    return groups
+
+
+def ratio(entries, entry: str, base: str) -> float:
+    t, b = entries[entry][0], entries[base][0]
+    return b / t if base in SPEEDUPS else t / b
+
+
+def fmt_ratio(value: float, base: str) -> str:
+    return f"{value:.2f}x" if base in SPEEDUPS else f"{value:.2f}"
+
+
+def heads(bases) -> list[str]:
+    return [f"vs {b}" if b in SPEEDUPS else f"÷ {b}" for b in bases]
+
+
+def ratio_tables(runs: list[dict], stat: str) -> list[str]:
+    lines = []
+    for group, entries in runs[-1].items():
+        bases = [b for b in (*SPEEDUPS, *READS) if b in entries]
+        lines += [f"#### {group}", "",
+                  f"| entry | {stat} s | GB/s | " + " | ".join(heads(bases)) + " | preempt/s |",
+                  "|---|--:|--:|" + "--:|" * (len(bases) + 1)]
+        for entry, (t, info) in sorted(entries.items(), key=lambda item: item[1][0]):
+            cells = [fmt_ratio(ratio(entries, entry, b), b) for b in bases]
+            lines.append(f"| {entry} | {t:.3f} | {info['bytes'] / t / 1e9:.1f} | "
+                         + " | ".join(cells) + f" | {info.get('preempted_per_s', '?')} |")
+        lines.append("")
+    if len(runs) > 1:
+        lines += ["#### Over runs (each cell: run 1, run 2, ... -> median)", ""]
+        for group, entries in runs[-1].items():
+            bases = [b for b in (*SPEEDUPS, *READS) if b in entries]
+            lines += [f"{group}", "", "| entry | " + " | ".join(heads(bases)) + " |",
+                      "|---|" + "--:|" * len(bases)]
+            for entry in (e for e in entries if e.startswith("scan")):
+                cells = []
+                for b in bases:
+                    values = [ratio(r[group], entry, b) for r in runs
+                              if entry in r.get(group, {}) and b in r[group]]
+                    cells.append(", ".join(fmt_ratio(v, b) for v in values)
+                                 + f" -> **{fmt_ratio(statistics.median(values), b)}**")
+                lines.append(f"| {entry} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", type=Path, help="checkpoints folder (written if needed, "
+                        "kept); default: a temporary folder, deleted")
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    parser.add_argument("--batches", nargs="+", default=["default", "1"],
+                        help="K per scan: 'default' (the scan's choice) or a number")
+    parser.add_argument("--ratios", nargs="+", metavar="JSON",
+                        help="print the ratios of pytest-benchmark files instead")
+    parser.add_argument("--stat", default="median", choices=("median", "min", "mean"))
+    args = parser.parse_args()
+    if args.ratios:
+        print("\n".join(ratio_tables([load_groups(p, args.stat) for p in args.ratios],
+                                     args.stat)))
+        return
+    folder = args.folder or Path(tempfile.mkdtemp(prefix="tf-scan-mem-"))
+    try:
+        write_checkpoints(folder)
+        rows = measure(folder, args.formats, args.batches)
+        pyplot = child({"preload_pyplot": True})
+    finally:
+        if args.folder is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            shutil.rmtree(folder / "runs", ignore_errors=True)
+    print(f"{NUM_FINETUNED} fine-tuned ResNet-50 checkpoints; peak = VmHWM of a fresh "
+          "process, baseline = its VmRSS after `import transfer_fast`\n")
+    print("\n".join(memory_table(rows, pyplot)))
+
+
+if __name__ == "__main__":
+    main()

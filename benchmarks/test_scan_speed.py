@@ -1,0 +1,340 @@
+"""Speed of the many-model scan against the baselines of the issue, in the same run.
+
+Workload: θr, θA and 32 fine-tuned θB with ResNet-50's names and shapes (θB = θA + a
+small move per seed, a new 10-class head), written once per session to a temporary
+folder as .safetensors and as .pt (about 3.4 GB per format), every file read once
+before timing so the page cache is warm. One benchmark group per format:
+
+  scan               transfer_fast.scan(32 paths, ...) into a fresh run folder every
+                     round (default preset 'auto'; K = 32, one batch: see `batch_size`)
+  scan_paper         the same with preset='paper'
+  script_loop        the authors' script once per checkpoint: load θr, θA and θB
+                     (torch.load, or safetensors' load_file), per 'conv' tensor (and
+                     fc.weight where the shapes agree) (x - b).abs().mean().item() for
+                     x = θr and θA, stem + blocks of three convs, ratios, their mean
+  measure_loop       transferability(r, a, b, preset='paper') once per checkpoint
+  measure_loop_auto  the same with preset='auto' (what `scan` computes)
+  read_only          the bare read of what a scan must read, every byte copied into
+                     memory: the 32 fine-tuned files plus θr and θA once, with
+                     load_file(backend="pread") (the default load_file of safetensors 0.8
+                     maps the file and reads nothing until a tensor is used) or
+                     torch.load(weights_only=True)
+  read_touch         the same files opened as the scan opens them, mapped (load_file,
+                     torch.load(mmap=True)), every floating tensor summed once: the
+                     pages brought in and read, nothing copied
+
+`bytes` in extra_info is the size of those 34 files for every entry of a group, so the
+GB/s column of `ratios.py` is comparable. The ratios of the issue's goals are printed by
+`python -m benchmarks.scan_memory --ratios <bench.json>`.
+
+The folder is deleted at session end. With TRANSFER_FAST_SCAN_DIR=<dir> the checkpoints
+are written there once and kept, for repeated sessions and for `scan_memory.py`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import transfer_fast
+from transfer_fast import transferability
+from transfer_fast.scan import MAX_BATCH, SEGMENT_ELEMS, default_memory_budget
+from transfer_fast.testing import random_state, resnet_shapes, triple
+
+NUM_FINETUNED = 32
+FINETUNED_CLASSES = 10
+STEP = 0.2  # as testing.triple: θB = θA + 0.2 * N(0, 0.05^2)
+FORMATS = ("safetensors", "pt")
+BASELINES = ("script_loop", "measure_loop", "measure_loop_auto", "read_only", "read_touch")
+ENTRIES = ("scan", "scan_paper", *BASELINES)
+ENV_DIR = "TRANSFER_FAST_SCAN_DIR"
+_DONE_MARK = ".complete"
+
+
+@dataclass
+class ScanWorkload:
+    """θr, θA and the fine-tuned checkpoints in one format, in `folder`."""
+
+    folder: Path
+    fmt: str
+    random: Path
+    pretrained: Path
+    finetuned: list[Path]
+    runs: Path  # where the scans' run folders go
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in (self.random, self.pretrained, *self.finetuned))
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        """The size of one fine-tuned checkpoint file."""
+        return self.finetuned[0].stat().st_size
+
+
+def _paths(folder: Path, fmt: str, count: int) -> tuple[Path, Path, list[Path]]:
+    return (folder / f"r.{fmt}", folder / f"a.{fmt}",
+            [folder / f"b{i:02d}.{fmt}" for i in range(count)])
+
+
+def finetuned_state(pretrained: dict, seed: int) -> dict[str, torch.Tensor]:
+    """θB = θA + a small move, with a fresh 10-class head (like testing.triple)."""
+    shapes = {k: tuple(v.shape) for k, v in pretrained.items()}
+    noise = random_state(shapes, seed=1000 + seed)
+    b = {k: v + STEP * noise[k] if v.is_floating_point() else v.clone()
+         for k, v in pretrained.items()}
+    b.update(random_state({"fc.weight": (FINETUNED_CLASSES, shapes["fc.weight"][1]),
+                           "fc.bias": (FINETUNED_CLASSES,)}, seed=2000 + seed))
+    return b
+
+
+def _save(state: dict, path: Path) -> None:
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+
+
+def write_checkpoints(folder: Path, count: int = NUM_FINETUNED,
+                      formats=FORMATS) -> None:
+    """θr, θA and `count` fine-tuned ResNet-50 sets, each in every format; skipped when
+    `folder` already holds a complete set."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mark = folder / _DONE_MARK
+    wanted = f"{count} {' '.join(formats)}"
+    if mark.exists() and mark.read_text() == wanted:
+        return
+    r, a, _ = triple(resnet_shapes(50), seed=0, finetuned_classes=FINETUNED_CLASSES)
+    for fmt in formats:
+        r_path, a_path, _ = _paths(folder, fmt, count)
+        _save(r, r_path)
+        _save(a, a_path)
+    for i in range(count):
+        b = finetuned_state(a, seed=i)
+        for fmt in formats:
+            _save(b, _paths(folder, fmt, count)[2][i])
+    mark.write_text(wanted)
+
+
+def warm_page_cache(paths) -> int:
+    """Reads every file once so the timed runs find it in the page cache."""
+    total, buf = 0, bytearray(16 << 20)
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                total += n
+    return total
+
+
+def workload(folder: Path, fmt: str, count: int = NUM_FINETUNED) -> ScanWorkload:
+    r, a, bs = _paths(folder, fmt, count)
+    runs = folder / "runs"
+    runs.mkdir(exist_ok=True)
+    return ScanWorkload(folder, fmt, r, a, bs, runs)
+
+
+def batch_size(device: torch.device | None = None) -> int:
+    """K as `scan` chooses it by default (scan.py: min(MAX_BATCH, budget // 2 MB))."""
+    device = device or scan_device()
+    return max(1, min(MAX_BATCH, default_memory_budget(device) // (SEGMENT_ELEMS * 4)))
+
+
+def scan_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---- the entries --------------------------------------------------------------------
+
+def load(path: Path) -> dict[str, torch.Tensor]:
+    """How the authors' script reads a checkpoint: torch.load, or load_file (which maps
+    the file; pages are read as the loop touches them)."""
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def authors_script(random, pretrained, finetuned) -> tuple[list[float], float]:
+    """The script's semantics (PAPER.md section 1), positional like the original: tensors
+    with 'conv' in the name in order, stem = the first, then blocks of three; fc.weight
+    as one more group when its shape agrees in the three sets (not here: θB has a 10-class
+    head, so the script would fail on it; preset 'paper' leaves it out the same way);
+    per tensor mean |x - b| read with .item(); group T = ratio of the group means;
+    overall = mean over the conv groups. Safetensors stores names alphabetically, which
+    for ResNet-50 (block indices < 10) is the same order of conv tensors."""
+    convs = [n for n in finetuned if "conv" in n]
+    groups = [convs[:1]] + [convs[i:i + 3] for i in range(1, len(convs), 3)]
+    head = "fc.weight"
+    if head in finetuned and finetuned[head].shape == random[head].shape == \
+            pretrained[head].shape:
+        groups.append([head])
+
+    def dist(p, q):
+        return (p - q).abs().mean().item()
+
+    values = []
+    for group in groups:
+        d_r = sum(dist(random[n], finetuned[n]) for n in group) / len(group)
+        d_a = sum(dist(pretrained[n], finetuned[n]) for n in group) / len(group)
+        values.append(d_r / d_a)
+    body = values[:len(groups) - (groups[-1] == [head])]
+    return values, sum(body) / len(body)
+
+
+def script_loop(w: ScanWorkload) -> list[float]:
+    """The script run once per fine-tuned checkpoint: three files loaded every time."""
+    return [authors_script(load(w.random), load(w.pretrained), load(b))[1]
+            for b in w.finetuned]
+
+
+def measure_loop(w: ScanWorkload, preset: str = "paper") -> list[float]:
+    return [transferability(w.random, w.pretrained, b, preset=preset).overall
+            for b in w.finetuned]
+
+
+def measure_loop_auto(w: ScanWorkload) -> list[float]:
+    return measure_loop(w, preset="auto")
+
+
+def read_only(w: ScanWorkload) -> int:
+    """The bare read: every file a scan needs, each once, copied into memory."""
+    tensors = 0
+    for path in (w.random, w.pretrained, *w.finetuned):
+        if path.suffix == ".safetensors":
+            state = load_file(str(path), backend="pread")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        tensors += len(state)
+    return tensors
+
+
+def read_touch(w: ScanWorkload) -> float:
+    """Every file a scan needs, mapped and each floating tensor summed once."""
+    total = 0.0
+    for path in (w.random, w.pretrained, *w.finetuned):
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        total += sum(float(v.sum()) for v in state.values() if v.is_floating_point())
+    return total
+
+
+def run_scan(w: ScanWorkload, out: Path, preset: str = "auto"):
+    res = transfer_fast.scan(w.finetuned, random=w.random, pretrained=w.pretrained, out=out,
+                             preset=preset, progress=False)
+    assert (res.done, res.failed, res.skipped) == (len(w.finetuned), 0, 0), res
+    return res
+
+
+def summary_rows(res) -> list[dict]:
+    with open(res.summary_csv, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---- fixtures -----------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def scan_folder():
+    """The folder holding the checkpoints of both formats, page cache warmed."""
+    keep = os.environ.get(ENV_DIR)
+    folder = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="tf-scan-bench-"))
+    try:
+        write_checkpoints(folder)
+        warm_page_cache(p for fmt in FORMATS for p in (lambda r, a, bs: [r, a, *bs])(
+            *_paths(folder, fmt, NUM_FINETUNED)))
+        yield folder
+    finally:
+        if keep:
+            shutil.rmtree(folder / "runs", ignore_errors=True)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def scan_workloads(scan_folder):
+    """get(fmt) -> ScanWorkload; the first call per format runs one untimed scan (imports
+    the plotting, checks K) and rereads the files."""
+    cache: dict[str, ScanWorkload] = {}
+
+    def get(fmt: str) -> ScanWorkload:
+        if fmt not in cache:
+            w = workload(scan_folder, fmt)
+            res = run_scan(w, w.runs / f"warmup-{fmt}")
+            # One batch of 32: the batch's time is shared evenly, so every row has the
+            # same `seconds`; two batches would show two values.
+            seconds = {row["seconds"] for row in summary_rows(res)}
+            assert batch_size() >= NUM_FINETUNED and len(seconds) == 1, (batch_size(), seconds)
+            warm_page_cache([w.random, w.pretrained, *w.finetuned])
+            cache[fmt] = w
+        return cache[fmt]
+
+    return get
+
+
+# ---- tests --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_entries_agree(scan_workloads, fmt):
+    """The entries compute the same numbers (so the times compare like for like)."""
+    w = scan_workloads(fmt)
+    res = run_scan(w, w.runs / f"agree-{fmt}", preset="paper")
+    overall = [float(row["overall_T"]) for row in summary_rows(res)]
+    few = ScanWorkload(w.folder, fmt, w.random, w.pretrained, w.finetuned[:2], w.runs)
+    script = script_loop(few)
+    measured = measure_loop(few)
+    torch.testing.assert_close(torch.tensor(script), torch.tensor(measured), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(overall[:2]), torch.tensor(measured),
+                               rtol=1e-9, atol=0)
+
+
+def _fresh_out(w: ScanWorkload, entry: str):
+    counter = iter(range(1 << 30))
+
+    def setup():
+        return (w.runs / f"{entry}-{w.fmt}-{next(counter)}",), {}
+
+    return setup
+
+
+CASES = [(fmt, entry) for fmt in FORMATS for entry in ENTRIES]
+
+
+@pytest.mark.parametrize(("fmt", "entry"), CASES, ids=[f"{f}-{e}" for f, e in CASES])
+def test_scan32(benchmark, request, scan_workloads, fmt, entry):
+    w = scan_workloads(fmt)
+    ours = entry.startswith("scan")
+    benchmark.group = f"scan{NUM_FINETUNED} [{fmt}]"
+    benchmark.extra_info.update(
+        entry=entry, device=str(scan_device().type) if ours else "cpu", bytes=w.nbytes,
+        threads=torch.get_num_threads(), baseline=entry in BASELINES, torch=torch.__version__,
+        format=fmt, checkpoints=len(w.finetuned), checkpoint_bytes=w.checkpoint_bytes,
+        batch=batch_size() if ours else 1)
+    rounds = max(1, request.config.getoption("benchmark_min_rounds"))
+    if ours:
+        preset = "paper" if entry == "scan_paper" else "auto"
+
+        def target(out):
+            return run_scan(w, out, preset=preset)
+
+        kwargs = dict(setup=_fresh_out(w, entry))
+    else:
+        fn = globals()[entry]
+
+        def target():
+            return fn(w)
+
+        kwargs = {}
+    switches, start = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw, time.perf_counter()
+    benchmark.pedantic(target, rounds=rounds, iterations=1, warmup_rounds=0, **kwargs)
+    switches = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - switches
+    benchmark.extra_info["preempted_per_s"] = round(switches / (time.perf_counter() - start))
