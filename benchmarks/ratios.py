@@ -18,15 +18,18 @@ import json
 import statistics
 from collections import defaultdict
 
-BASELINES = ("loop_item", "loop_stack", "foreach", "roofline")
+BASELINES = ("loop_item", "loop_stack", "foreach", "roofline", "script_loop", "measure_loop",
+             "measure_loop_auto", "read_only", "read_touch", "read_raw")
+# Baselines that bound an entry from below (reading the data): shown as a fraction.
+FRACTIONS = ("roofline", "read_only", "read_touch", "read_raw")
 
 
 def fmt(value: float, baseline: str) -> str:
-    return f"{value:.0%}" if baseline == "roofline" else f"{value:.2f}x"
+    return f"{value:.0%}" if baseline in FRACTIONS else f"{value:.2f}x"
 
 
 def heads(baselines: list[str]) -> list[str]:
-    return [f"of {b}" if b == "roofline" else f"vs {b}" for b in baselines]
+    return [f"of {b}" if b in FRACTIONS else f"vs {b}" for b in baselines]
 
 
 def load(path: str, stat: str) -> dict[str, dict[str, tuple[float, dict]]]:

@@ -1,6 +1,6 @@
 """Peak resident memory of a 32-checkpoint scan, and the ratios of the scan benchmarks.
 
-    .venv/bin/python -m benchmarks.scan_memory [--folder DIR] [--batches 32 1]
+    .venv/bin/python -m benchmarks.scan_memory [--folder DIR] [--batches default 8 1]
     .venv/bin/python -m benchmarks.scan_memory --ratios /tmp/scan_A.json [/tmp/scan_B.json]
 
 Memory: each scan runs in a fresh child process that imports transfer_fast and nothing
@@ -10,7 +10,7 @@ deleted afterwards) and reports its VmHWM (peak RSS) from /proc/self/status. A t
 samples VmRSS/RssAnon/RssFile every 5 ms to split the peak into anonymous memory and
 mapped file pages (page cache pages mapped by the process count in RSS). The parent
 cross-checks with getrusage(RUSAGE_CHILDREN).ru_maxrss. K is the scan's default
-(`--batches default`, K = 32 here) or forced through `max_memory`.
+(`default`: K = 32 here) or forced through `max_memory` (`--batches default 8 1`).
 
 Ratios: per group of the last pytest-benchmark file, each entry's time and
 baseline_time / entry_time for the loops (a speedup), entry_time / read_time for the
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import statistics
@@ -32,8 +31,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from .test_scan_speed import FORMATS, NUM_FINETUNED, warm_page_cache, workload, \
-    write_checkpoints
+from .test_scan_speed import FORMATS, NUM_FINETUNED, warm_page_cache, workload, write_checkpoints
 
 MB = 1 << 20
 
@@ -78,7 +76,8 @@ seconds = time.perf_counter() - start
 stop.set()
 thread.join()
 end = status()
-print(json.dumps({"baseline": baseline["VmRSS"], "hwm": end["VmHWM"], "end": end["VmRSS"],
+print(json.dumps({"baseline": baseline["VmRSS"], "base": baseline, "hwm": end["VmHWM"],
+                  "end": end["VmRSS"],
                   "sampled": peak, "seconds": seconds, "done": res.done,
                   "failed": res.failed}))
 """
@@ -114,7 +113,8 @@ def measure(folder: Path, formats, batches) -> list[dict]:
                        "max_memory": max_memory_for(batch)})
             assert (r["done"], r["failed"]) == (len(w.finetuned), 0), r
             shutil.rmtree(out, ignore_errors=True)
-            rows.append({"format": fmt, "K": batch_size() if batch == "default" else int(batch),
+            k = batch_size() if batch == "default" else int(batch)
+            rows.append({"format": fmt, "K": min(k, len(w.finetuned)),
                          "checkpoint": w.checkpoint_bytes,
                          "ru_maxrss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
                          * 1024, **r})
@@ -122,31 +122,33 @@ def measure(folder: Path, formats, batches) -> list[dict]:
 
 
 def memory_table(rows: list[dict], pyplot: dict) -> list[str]:
-    lines = ["| format | K | peak RSS - baseline MB | in checkpoints | < 3 checkpoints | "
-             "at peak: anon / file MB | baseline MB | scan s |",
+    lines = ["| format | K | peak RSS - baseline MiB | in checkpoints | < 3 checkpoints | "
+             "sampled peak above baseline: anon / file MiB | baseline MiB | scan s |",
              "|---|--:|--:|--:|:-:|--:|--:|--:|"]
     for r in rows:
         extra = r["hwm"] - r["baseline"]
-        s = r["sampled"]
+        s, b = r["sampled"], r["base"]
         lines.append(
             f"| {r['format']} | {r['K']} | {extra / MB:.0f} | {extra / r['checkpoint']:.2f} | "
             f"{'yes' if extra < 3 * r['checkpoint'] else 'NO'} | "
-            f"{s.get('RssAnon', 0) / MB:.0f} / {s.get('RssFile', 0) / MB:.0f} | "
+            f"{(s['RssAnon'] - b['RssAnon']) / MB:.0f} / "
+            f"{(s['RssFile'] - b['RssFile']) / MB:.0f} | "
             f"{r['baseline'] / MB:.0f} | {r['seconds']:.2f} |")
-    sizes = sorted({r["checkpoint"] for r in rows})
-    lines += ["", f"One fine-tuned checkpoint file: {', '.join(f'{b / MB:.1f} MB' for b in sizes)}"
-              f" (3 checkpoints: {', '.join(f'{3 * b / MB:.0f} MB' for b in sizes)}). "
+    sizes = {r["format"]: r["checkpoint"] for r in rows}
+    lines += ["", "One fine-tuned checkpoint file: " + ", ".join(
+              f"{b / MB:.1f} MiB ({fmt}; 3 checkpoints: {3 * b / MB:.0f} MiB)"
+              for fmt, b in sizes.items()) + ". "
               f"Importing matplotlib.pyplot (the scan's plots) adds "
-              f"{(pyplot['after'] - pyplot['baseline']) / MB:.0f} MB to a process that has "
+              f"{(pyplot['after'] - pyplot['baseline']) / MB:.0f} MiB to a process that has "
               f"imported transfer_fast. The parent's ru_maxrss over all children: "
-              f"{max(r['ru_maxrss'] for r in rows) / MB:.0f} MB (absolute, baseline included)."]
+              f"{max(r['ru_maxrss'] for r in rows) / MB:.0f} MiB (absolute, baseline included)."]
     return lines
 
 
 # ---- ratios of the pytest-benchmark runs -------------------------------------------
 
 SPEEDUPS = ("script_loop", "measure_loop", "measure_loop_auto")  # baseline / entry
-READS = ("read_only", "read_touch")  # entry / read: the issue's "within 1.3x"
+READS = ("read_only", "read_touch", "read_raw")  # entry / read: the issue's "within 1.3x"
 
 
 def load_groups(path: str, stat: str) -> dict[str, dict[str, tuple[float, dict]]]:
@@ -208,7 +210,7 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, help="checkpoints folder (written if needed, "
                         "kept); default: a temporary folder, deleted")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
-    parser.add_argument("--batches", nargs="+", default=["default", "1"],
+    parser.add_argument("--batches", nargs="+", default=["default", "8", "1"],
                         help="K per scan: 'default' (the scan's choice) or a number")
     parser.add_argument("--ratios", nargs="+", metavar="JSON",
                         help="print the ratios of pytest-benchmark files instead")

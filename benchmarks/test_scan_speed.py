@@ -2,12 +2,13 @@
 
 Workload: θr, θA and 32 fine-tuned θB with ResNet-50's names and shapes (θB = θA + a
 small move per seed, a new 10-class head), written once per session to a temporary
-folder as .safetensors and as .pt (about 3.4 GB per format), every file read once
+folder as .safetensors and as .pt (3.2 GB per format), every file read once
 before timing so the page cache is warm. One benchmark group per format:
 
   scan               transfer_fast.scan(32 paths, ...) into a fresh run folder every
                      round (default preset 'auto'; K = 32, one batch: see `batch_size`)
   scan_paper         the same with preset='paper'
+  scan_tables        the same as scan without the two PNG plots (plots=False)
   script_loop        the authors' script once per checkpoint: load θr, θA and θB
                      (torch.load, or safetensors' load_file), per 'conv' tensor (and
                      fc.weight where the shapes agree) (x - b).abs().mean().item() for
@@ -22,6 +23,8 @@ before timing so the page cache is warm. One benchmark group per format:
   read_touch         the same files opened as the scan opens them, mapped (load_file,
                      torch.load(mmap=True)), every floating tensor summed once: the
                      pages brought in and read, nothing copied
+  read_raw           the same files' bytes copied from the page cache into one reused
+                     16 MiB buffer (readinto): the floor of any reader, no tensors made
 
 `bytes` in extra_info is the size of those 34 files for every entry of a group, so the
 GB/s column of `ratios.py` is comparable. The ratios of the issue's goals are printed by
@@ -55,8 +58,9 @@ NUM_FINETUNED = 32
 FINETUNED_CLASSES = 10
 STEP = 0.2  # as testing.triple: θB = θA + 0.2 * N(0, 0.05^2)
 FORMATS = ("safetensors", "pt")
-BASELINES = ("script_loop", "measure_loop", "measure_loop_auto", "read_only", "read_touch")
-ENTRIES = ("scan", "scan_paper", *BASELINES)
+BASELINES = ("script_loop", "measure_loop", "measure_loop_auto", "read_only", "read_touch",
+             "read_raw")
+ENTRIES = ("scan", "scan_paper", "scan_tables", *BASELINES)
 ENV_DIR = "TRANSFER_FAST_SCAN_DIR"
 _DONE_MARK = ".complete"
 
@@ -229,9 +233,14 @@ def read_touch(w: ScanWorkload) -> float:
     return total
 
 
-def run_scan(w: ScanWorkload, out: Path, preset: str = "auto"):
+def read_raw(w: ScanWorkload) -> int:
+    """The bytes of every file a scan needs, through one reused buffer."""
+    return warm_page_cache([w.random, w.pretrained, *w.finetuned])
+
+
+def run_scan(w: ScanWorkload, out: Path, preset: str = "auto", plots: bool = True):
     res = transfer_fast.scan(w.finetuned, random=w.random, pretrained=w.pretrained, out=out,
-                             preset=preset, progress=False)
+                             preset=preset, plots=plots, progress=False)
     assert (res.done, res.failed, res.skipped) == (len(w.finetuned), 0, 0), res
     return res
 
@@ -250,8 +259,9 @@ def scan_folder():
     folder = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="tf-scan-bench-"))
     try:
         write_checkpoints(folder)
-        warm_page_cache(p for fmt in FORMATS for p in (lambda r, a, bs: [r, a, *bs])(
-            *_paths(folder, fmt, NUM_FINETUNED)))
+        for fmt in FORMATS:
+            r, a, bs = _paths(folder, fmt, NUM_FINETUNED)
+            warm_page_cache([r, a, *bs])
         yield folder
     finally:
         if keep:
@@ -318,13 +328,13 @@ def test_scan32(benchmark, request, scan_workloads, fmt, entry):
         entry=entry, device=str(scan_device().type) if ours else "cpu", bytes=w.nbytes,
         threads=torch.get_num_threads(), baseline=entry in BASELINES, torch=torch.__version__,
         format=fmt, checkpoints=len(w.finetuned), checkpoint_bytes=w.checkpoint_bytes,
-        batch=batch_size() if ours else 1)
+        batch=min(batch_size(), len(w.finetuned)) if ours else 1)
     rounds = max(1, request.config.getoption("benchmark_min_rounds"))
     if ours:
         preset = "paper" if entry == "scan_paper" else "auto"
 
         def target(out):
-            return run_scan(w, out, preset=preset)
+            return run_scan(w, out, preset=preset, plots=entry != "scan_tables")
 
         kwargs = dict(setup=_fresh_out(w, entry))
     else:

@@ -36,7 +36,7 @@ def _cmd_scan(args) -> int:
     result = scan(args.finetuned, random=args.random, pretrained=args.pretrained,
                   manifest=args.manifest, out=args.out, preset=args.preset, metric=args.metric,
                   backend=args.backend, max_memory=args.max_memory, pairwise=args.pairwise,
-                  progress=not args.no_progress)
+                  plots=not args.no_plots, progress=not args.no_progress)
     if result.rank == 0:
         print(f"{result.done} measured, {result.failed} failed, {result.skipped} already "
               f"done; tables and plots in {result.out}/")
@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "size K; default a quarter of free RAM or half of free GPU memory)")
     sc.add_argument("--pairwise", action="store_true",
                     help="also the cosine/L2 matrix of the fine-tuning updates")
+    sc.add_argument("--no-plots", action="store_true", help="tables only, no PNGs")
     sc.add_argument("--no-progress", action="store_true", help="no progress bar")
     sc.set_defaults(func=_cmd_scan)
 

@@ -25,7 +25,7 @@ from .checkpoints import load_state
 from .errors import TransferFastError, first_few
 from .layers import Plan, make_plan
 from .runfolder import RunFolder, file_key
-from .streaming import MappedCheckpoint
+from .streaming import StreamedCheckpoint
 from .transferability import check_metric, result_from_sums
 
 SEGMENT_ELEMS = 1 << 19  # elements per target per kernel call: 2 MB of float32
@@ -133,12 +133,10 @@ def default_memory_budget(device: torch.device) -> int:
     return avail // 4
 
 
-def _open(path: str) -> tuple[MappedCheckpoint | None, str]:
-    """Opens (and asks the kernel to read ahead) one checkpoint; runs in the prefetch thread."""
+def _open(path: str) -> tuple[StreamedCheckpoint | None, str]:
+    """Opens one checkpoint (its header, or a torch.load map); runs in the prefetch thread."""
     try:
-        ck = MappedCheckpoint(path)
-        ck.prefetch()
-        return ck, ""
+        return StreamedCheckpoint(path), ""
     except TransferFastError as exc:
         return None, str(exc)
     except Exception as exc:  # any unreadable file is a failed row, never the scan's end
@@ -157,13 +155,14 @@ class _PairScan:
         self.shared = [{n: t.to(device) for n, t in load_state(p).items()}
                        for p in (random, pretrained)]
         self.plans: dict[tuple, tuple | str] = {}
+        self._buffers: list[torch.Tensor] | None = None  # reused by every batch
 
-    def _entry(self, ck: MappedCheckpoint):
+    def _entry(self, ck: StreamedCheckpoint):
         """(plan, anchors, kernel calls, numel) for this architecture, or why it fails."""
-        key = tuple(sorted((n, s, ck.tensor(n).dtype) for n, s in ck.shapes.items()))
+        key = tuple(sorted((n, s, ck.meta(n).dtype) for n, s in ck.shapes.items()))
         if key not in self.plans:
             try:
-                states = [*self.shared, {n: ck.tensor(n) for n in ck.shapes}]
+                states = [*self.shared, {n: ck.meta(n) for n in ck.shapes}]
                 plan = make_plan(states, self.opts["preset"],
                                  labels=[*self.labels, "the fine-tuned set"])
                 anchors = [[s[n].reshape(-1) for n in plan.names] for s in self.shared]
@@ -179,22 +178,32 @@ class _PairScan:
         return self.plans[key]
 
     def _reduce(self, plan: Plan, anchors, calls, cks) -> torch.Tensor:
-        """(2, K, T, 5) sums: θr and θA read once, each target once, segment by segment."""
+        """(2, K, T, 5) sums: θr and θA read once, each target once, call by call into
+        one reused buffer per target (K x SEGMENT_ELEMS elements in flight)."""
         device, backend = self.opts["device"], self.opts["backend"]
-        flats = [[ck.tensor(n).reshape(-1) for n in plan.names] for ck in cks]
+        dtypes = [cks[0].meta(n).dtype for n in plan.names]  # one architecture key: same
+        pad = lambda nbytes: (nbytes + 15) // 16 * 16  # noqa: E731  (aligned typed views)
+        need = max(sum(pad((e - s) * dtypes[t].itemsize) for t, s, e in call) for call in calls)
+        bufs = self._buffers
+        if bufs is None or len(bufs) < len(cks) or bufs[0].numel() < need:
+            self._buffers = [torch.empty(need, dtype=torch.uint8) for _ in cks]
         out = torch.zeros(2, len(cks), len(plan.names), 5, dtype=torch.float64)
         for call in calls:
             index = [t for t, _, _ in call]
             a_sets = [[anc[t][s:e] for t, s, e in call] for anc in anchors]
-            b_sets = [[fl[t][s:e].to(device) for t, s, e in call] for fl in flats]
+            b_sets = []
+            for ck, buf in zip(cks, self._buffers):
+                pieces, offset = [], 0
+                for t, s, e in call:
+                    piece = ck.read(plan.names[t], s, e, buf[offset:])
+                    pieces.append(piece.to(device))
+                    offset += pad(piece.numel() * piece.element_size())
+                b_sets.append(pieces)
             out[:, :, index] += ops.multi_tensor_distance(a_sets, b_sets,
                                                           backend=backend).cpu()
-            for ck in cks:
-                for t, s, e in call:
-                    ck.release(plan.names[t], s, e)
         return out
 
-    def run_batch(self, opened: list[tuple[dict, MappedCheckpoint | None, str]]) -> list[dict]:
+    def run_batch(self, opened: list[tuple[dict, StreamedCheckpoint | None, str]]) -> list[dict]:
         """Records for one batch; checkpoints that cannot be measured become failed rows."""
         start = time.perf_counter()
         records, by_plan = {}, {}
@@ -221,7 +230,7 @@ class _PairScan:
     def _record(self, row, ck, plan: Plan, sums: torch.Tensor, numel) -> dict:
         bad = [n for n, sq in zip(plan.names, sums[0, :, 4].tolist())
                if sq != sq or sq in (float("inf"), float("-inf"))]
-        bad = [n for n in bad if not torch.isfinite(ck.tensor(n)).all()]
+        bad = [n for n in bad if not torch.isfinite(ck.load(n)).all()]
         if bad:
             return _failed(row, f"{row['path']}: NaN or Inf in {first_few(bad, 3)}")
         with warnings.catch_warnings():
@@ -308,7 +317,7 @@ def _scan_rows(rows: list[dict], folder: RunFolder, opts: dict, batch: int, bar)
 
 def scan(finetuned=None, *, random=None, pretrained=None, manifest=None, out,
          preset: str = "auto", metric: str = "l1_mean", backend: str = "auto",
-         max_memory: int | None = None, pairwise: bool = False,
+         max_memory: int | None = None, pairwise: bool = False, plots: bool = True,
          progress: bool = True) -> ScanResult:
     """T of every fine-tuned checkpoint in `finetuned` (paths) or `manifest` (a CSV with a
     `path` column, optional `random`/`pretrained` columns and any user columns), into
@@ -329,7 +338,7 @@ def scan(finetuned=None, *, random=None, pretrained=None, manifest=None, out,
     rank, world, device, started = _distributed(backend)
     try:
         return _scan(rows, user_columns, out, rank, world, device, preset=preset, metric=metric,
-                     backend=backend, max_memory=max_memory, pairwise=pairwise,
+                     backend=backend, max_memory=max_memory, pairwise=pairwise, plots=plots,
                      progress=progress, random=random, pretrained=pretrained)
     finally:
         if started:  # a process group left to interpreter exit aborts in gloo's threads
@@ -339,7 +348,7 @@ def scan(finetuned=None, *, random=None, pretrained=None, manifest=None, out,
 
 
 def _scan(rows, user_columns, out, rank, world, device, *, preset, metric, backend, max_memory,
-          pairwise, progress, random, pretrained) -> ScanResult:
+          pairwise, plots, progress, random, pretrained) -> ScanResult:
     config = {"preset": preset, "metric": metric, "columns": user_columns,
               "random": str(random) if random else None,
               "pretrained": str(pretrained) if pretrained else None}
@@ -368,8 +377,8 @@ def _scan(rows, user_columns, out, rank, world, device, *, preset, metric, backe
     if rank == 0:
         from .scan_report import write_outputs
 
-        write_outputs(folder, rows, user_columns, pairwise=pairwise, preset=preset,
-                      backend=backend)
+        write_outputs(folder, rows, user_columns, pairwise=pairwise, plots=plots,
+                      preset=preset, backend=backend)
     _agree(world)
     return ScanResult(folder.out, folder.out / "results.csv", folder.out / "summary.csv",
                       done=len(pending) - failed, failed=failed,

@@ -13,14 +13,16 @@ MAX_PAIRWISE = 64
 
 
 def write_outputs(folder: RunFolder, rows: list[dict], user_columns: list[str], *,
-                  pairwise: bool = False, preset: str = "auto", backend: str = "auto") -> None:
+                  pairwise: bool = False, plots: bool = True, preset: str = "auto",
+                  backend: str = "auto") -> None:
     """results.csv and summary.csv, then T_heatmap.png and T_curves.png of the measured
-    checkpoints that share the most common grouping, and pairwise.csv/.png if asked."""
+    checkpoints that share the most common grouping (unless `plots` is off), and
+    pairwise.csv/.png if asked."""
     records = folder.records()
     folder.write_tables(rows, user_columns, records)
     ok = [(r["path"], records[r["path"]]) for r in rows
           if r["path"] in records and records[r["path"]]["summary"]["status"] == "ok"]
-    if not ok:
+    if not ok or not plots:
         return
     groups = Counter(tuple(rec["groups"]) for _, rec in ok).most_common(1)[0][0]
     same = [(p, rec) for p, rec in ok if tuple(rec["groups"]) == groups]

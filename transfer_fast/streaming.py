@@ -1,11 +1,11 @@
-"""Checkpoints opened for streaming: tensors as views of the file, pages given back after use.
+"""Checkpoints opened for streaming: ranges of tensors read into the caller's buffers.
 
-A .safetensors file is memory-mapped (parsed here rather than through safe_open so
-that the scan can give pages back) and each tensor is a zero-copy view of the map.
-.pt/.pth/.bin files are read with `torch.load(mmap=True, weights_only=True)`, whose
-tensors are views of a private file map too. `release` drops the pages of a range
-the scan is done with: they stay in the page cache, and the resident memory of a
-scan stays bounded by what is in flight, whatever the number of checkpoints.
+A scan never holds a whole fine-tuned checkpoint: it asks for element ranges of
+one tensor at a time and reuses its buffers, so its memory stays bounded by what is
+in flight, whatever the number of checkpoints. A .safetensors file is read with
+`pread` from the offsets in its header (parsed here: no mapping, no page faults,
+nothing left resident). A .pt/.pth/.bin file is opened with `torch.load(mmap=True,
+weights_only=True)`; ranges are copied out of the map and its pages given back.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import mmap
 import os
 import struct
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -36,31 +35,37 @@ _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 
 def _drop_pages(address: int, length: int) -> None:
-    """madvise(DONTNEED) over whole pages covering [address, address + length)."""
+    """madvise(DONTNEED) over the whole pages inside [address, address + length)."""
     if _LIBC is None:
         return
-    first = address // _PAGE * _PAGE
-    last = (address + length + _PAGE - 1) // _PAGE * _PAGE
-    _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+    first = (address + _PAGE - 1) // _PAGE * _PAGE
+    last = (address + length) // _PAGE * _PAGE
+    if last > first:
+        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
 
 
-class MappedCheckpoint:
-    """One checkpoint file: `shapes`, flat views by name, and `release` of used ranges."""
+class StreamedCheckpoint:
+    """One checkpoint file: `shapes`, `meta` tensors for planning, `read` of ranges."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._map: mmap.mmap | None = None
-        self._file_backed = False  # whether `release` may drop pages (never for heap memory)
-        if self.path.suffix == ".safetensors":
-            tensors = self._open_safetensors()
-        else:
-            tensors = self._open_torch()
-        # What the results are keyed by, taken at open: a file replaced during the scan
-        # is measured again next time rather than recorded with the new key.
+        self._fd: int | None = None
+        self._offsets: dict[str, int] = {}  # safetensors: file offset of each tensor
+        self._tensors: dict[str, torch.Tensor] = {}  # .pt: views of the torch.load map
+        self._file_backed = False  # whether the .pt tensors live in a file map
         st = os.stat(self.path)
+        # What results are keyed by, taken at open: a file replaced during the scan is
+        # measured again next time rather than recorded under the new key.
         self.key = [str(self.path), st.st_size, st.st_mtime_ns]
-        self._tensors = strip_module_prefix(tensors)
-        self.shapes = {n: tuple(t.shape) for n, t in self._tensors.items()}
+        if self.path.suffix == ".safetensors":
+            self._meta = self._open_safetensors(st.st_size)
+        else:
+            self._tensors = self._open_torch()
+            self._meta = {n: t.to("meta") for n, t in self._tensors.items()}
+        self._meta = strip_module_prefix(self._meta)
+        self._tensors = strip_module_prefix(self._tensors)
+        self._offsets = strip_module_prefix(self._offsets)
+        self.shapes = {n: tuple(t.shape) for n, t in self._meta.items()}
 
     def _open_torch(self) -> dict[str, torch.Tensor]:
         try:
@@ -71,42 +76,33 @@ class MappedCheckpoint:
         except Exception:  # not mmap-able (legacy format) or bad: load_state explains
             return load_state(self.path)
 
-    def _open_safetensors(self) -> dict[str, torch.Tensor]:
-        if not self.path.is_file():
-            raise TransferFastError(f"{self.path}: file not found")
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise TransferFastError(f"{self.path}: truncated safetensors file (no header)")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > size - 8:
-                raise TransferFastError(f"{self.path}: truncated safetensors header")
-            try:
-                header = json.loads(f.read(header_len))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise TransferFastError(f"{self.path}: unreadable safetensors header") from exc
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    def _open_safetensors(self, size: int) -> dict[str, torch.Tensor]:
+        fd = os.open(self.path, os.O_RDONLY)
+        self._fd = fd
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise TransferFastError(f"{self.path}: truncated safetensors file (no header)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise TransferFastError(f"{self.path}: truncated safetensors header")
+        try:
+            header = json.loads(os.pread(fd, header_len, 8))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise TransferFastError(f"{self.path}: unreadable safetensors header") from exc
         if not isinstance(header, dict):
             raise TransferFastError(f"{self.path}: unreadable safetensors header")
         data_start = 8 + header_len
-        tensors = {}
-        with warnings.catch_warnings():  # the map is read-only on purpose
-            warnings.simplefilter("ignore", UserWarning)
-            for name, info in header.items():
-                if name != "__metadata__":
-                    tensors[name] = self._view(name, info, data_start, size)
-        self._file_backed = True
-        return tensors
+        return {name: self._entry(name, info, data_start, size)
+                for name, info in header.items() if name != "__metadata__"}
 
-    def _view(self, name: str, info, data_start: int, size: int) -> torch.Tensor:
+    def _entry(self, name: str, info, data_start: int, size: int) -> torch.Tensor:
         try:
             dtype = _DTYPES.get(info.get("dtype"))
             shape = tuple(int(d) for d in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise TransferFastError(f"{self.path}: corrupt safetensors entry {name!r}") from exc
-        if dtype is None:  # a dtype torch cannot view: not floating, so never compared
+        if dtype is None:  # a dtype torch lacks: not floating, so never compared
             return torch.empty(shape, dtype=torch.uint8, device="meta")
         numel = 1
         for d in shape:
@@ -114,29 +110,41 @@ class MappedCheckpoint:
         if end - begin != numel * dtype.itemsize or data_start + end > size:
             raise TransferFastError(f"{self.path}: truncated or corrupt safetensors file "
                                     f"(tensor {name!r} lies past the end of the data)")
-        if numel == 0:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(self._map, dtype=dtype, count=numel,
-                                offset=data_start + begin).view(shape)
+        self._offsets[name] = data_start + begin
+        return torch.empty(shape, dtype=dtype, device="meta")
 
-    def tensor(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
+    def meta(self, name: str) -> torch.Tensor:
+        """Shape and dtype, no data: what planning needs."""
+        return self._meta[name]
 
-    def prefetch(self) -> None:
-        """Asks the kernel to read the file ahead while other work runs."""
-        if self._map is not None and hasattr(mmap, "MADV_WILLNEED"):
-            self._map.madvise(mmap.MADV_WILLNEED)
+    def read(self, name: str, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements [start, end) of the flattened tensor `name` into `out`, a CPU uint8
+        buffer of at least their size in bytes; returns them as a typed 1-D view of it."""
+        dtype = self._meta[name].dtype
+        nbytes = (end - start) * dtype.itemsize
+        view = out[:nbytes]
+        if name in self._offsets:
+            got = os.preadv(self._fd, [view.numpy()], self._offsets[name] + start * dtype.itemsize)
+            if got != nbytes:
+                raise TransferFastError(f"{self.path}: file shorter than its header says "
+                                        f"(changed during the scan?)")
+            return view.view(dtype)
+        whole = self._tensors[name]
+        source = whole.reshape(-1)[start:end]
+        typed = view.view(dtype)
+        typed.copy_(source)
+        if self._file_backed and whole.is_contiguous():  # source is then a view of the map
+            _drop_pages(source.data_ptr(), nbytes)  # the page cache keeps them
+        return typed
 
-    def release(self, name: str, start: int, end: int) -> None:
-        """Gives back the pages of elements [start, end) of `name`: the file keeps them
-        in the page cache, the process no longer counts them as resident. Whole pages
-        are dropped; a neighbour's page is simply read again from the cache if needed."""
-        if not self._file_backed:
-            return
-        t = self._tensors[name]
-        _drop_pages(t.data_ptr() + start * t.element_size(), (end - start) * t.element_size())
+    def load(self, name: str) -> torch.Tensor:
+        """The whole tensor, for the rare checks that need it (NaN/Inf naming)."""
+        t = self._meta[name]
+        buf = torch.empty(t.numel() * t.element_size(), dtype=torch.uint8)
+        return self.read(name, 0, t.numel(), buf).view(t.shape)
 
     def close(self) -> None:
-        # Never munmap here: torch views keep the map alive until the last one is freed.
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self._tensors = {}
-        self._map = None
