@@ -28,7 +28,7 @@ from .runfolder import RunFolder, file_key
 from .streaming import StreamedCheckpoint
 from .transferability import check_metric, result_from_sums
 
-SEGMENT_ELEMS = 1 << 19  # elements per target per kernel call: 2 MB of float32
+SEGMENT_ELEMS = 1 << 18  # elements per target per kernel call: 1 MB of float32
 MAX_BATCH = 64
 
 
@@ -155,7 +155,7 @@ class _PairScan:
         self.shared = [{n: t.to(device) for n, t in load_state(p).items()}
                        for p in (random, pretrained)]
         self.plans: dict[tuple, tuple | str] = {}
-        self._buffers: list[torch.Tensor] | None = None  # reused by every batch
+        self._buffers: list[list[torch.Tensor]] | None = None  # 2 sets, reused by every batch
 
     def _entry(self, ck: StreamedCheckpoint):
         """(plan, anchors, kernel calls, numel) for this architecture, or why it fails."""
@@ -166,10 +166,6 @@ class _PairScan:
                 plan = make_plan(states, self.opts["preset"],
                                  labels=[*self.labels, "the fine-tuned set"])
                 anchors = [[s[n].reshape(-1) for n in plan.names] for s in self.shared]
-                bad = [f"{n} in {lab}" for anc, lab in zip(anchors, self.labels)
-                       for n, x in zip(plan.names, anc) if not torch.isfinite(x).all()]
-                if bad:
-                    raise TransferFastError(f"NaN or Inf in {first_few(bad, 3)}")
                 numels = [x.numel() for x in anchors[0]]
                 self.plans[key] = (plan, anchors, _segments(numels, SEGMENT_ELEMS),
                                    torch.tensor(numels, dtype=torch.float64))
@@ -178,29 +174,41 @@ class _PairScan:
         return self.plans[key]
 
     def _reduce(self, plan: Plan, anchors, calls, cks) -> torch.Tensor:
-        """(2, K, T, 5) sums: θr and θA read once, each target once, call by call into
-        one reused buffer per target (K x SEGMENT_ELEMS elements in flight)."""
+        """(2, K, T, 5) sums: θr and θA read once, each target once. The targets' pieces
+        of the next call are read (by a thread: pread and the kernel release the GIL)
+        into one buffer set while the kernel reduces the other: 2 x K x SEGMENT_ELEMS
+        elements in flight."""
         device, backend = self.opts["device"], self.opts["backend"]
         dtypes = [cks[0].meta(n).dtype for n in plan.names]  # one architecture key: same
         pad = lambda nbytes: (nbytes + 15) // 16 * 16  # noqa: E731  (aligned typed views)
         need = max(sum(pad((e - s) * dtypes[t].itemsize) for t, s, e in call) for call in calls)
         bufs = self._buffers
-        if bufs is None or len(bufs) < len(cks) or bufs[0].numel() < need:
-            self._buffers = [torch.empty(need, dtype=torch.uint8) for _ in cks]
-        out = torch.zeros(2, len(cks), len(plan.names), 5, dtype=torch.float64)
-        for call in calls:
-            index = [t for t, _, _ in call]
-            a_sets = [[anc[t][s:e] for t, s, e in call] for anc in anchors]
+        if bufs is None or len(bufs[0]) < len(cks) or bufs[0][0].numel() < need:
+            self._buffers = bufs = [[torch.empty(need, dtype=torch.uint8) for _ in cks]
+                                    for _ in range(2)]
+
+        def fill(call, buffers) -> list[list[torch.Tensor]]:
             b_sets = []
-            for ck, buf in zip(cks, self._buffers):
+            for ck, buf in zip(cks, buffers):
                 pieces, offset = [], 0
                 for t, s, e in call:
                     piece = ck.read(plan.names[t], s, e, buf[offset:])
                     pieces.append(piece.to(device))
                     offset += pad(piece.numel() * piece.element_size())
                 b_sets.append(pieces)
-            out[:, :, index] += ops.multi_tensor_distance(a_sets, b_sets,
-                                                          backend=backend).cpu()
+            return b_sets
+
+        out = torch.zeros(2, len(cks), len(plan.names), 5, dtype=torch.float64)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as reader:
+            ahead = reader.submit(fill, calls[0], bufs[0])
+            for i, call in enumerate(calls):
+                b_sets = ahead.result()
+                if i + 1 < len(calls):
+                    ahead = reader.submit(fill, calls[i + 1], bufs[(i + 1) % 2])
+                index = [t for t, _, _ in call]
+                a_sets = [[anc[t][s:e] for t, s, e in call] for anc in anchors]
+                out[:, :, index] += ops.multi_tensor_distance(a_sets, b_sets,
+                                                              backend=backend).cpu()
         return out
 
     def run_batch(self, opened: list[tuple[dict, StreamedCheckpoint | None, str]]) -> list[dict]:
@@ -216,8 +224,14 @@ class _PairScan:
                 by_plan.setdefault(id(entry), (entry, []))[1].append((row, ck))
         for (plan, anchors, calls, numel), members in by_plan.values():
             sums = self._reduce(plan, anchors, calls, [ck for _, ck in members])
+            # A NaN/Inf makes its set's sum of squares non-finite: only then look closer.
+            bad = [f"{plan.names[t]} in {self.labels[i]}" for i, t in
+                   (~torch.isfinite(sums[:, 0, :, 3])).nonzero().tolist()
+                   if not torch.isfinite(anchors[i][t]).all()]
             for k, (row, ck) in enumerate(members):
-                records[row["path"]] = self._record(row, ck, plan, sums[:, k], numel)
+                records[row["path"]] = (
+                    _failed(row, f"NaN or Inf in {first_few(bad, 3)}") if bad
+                    else self._record(row, ck, plan, sums[:, k], numel))
         seconds = (time.perf_counter() - start) / max(1, len(opened))
         out = []
         for row, ck, _ in opened:
@@ -365,7 +379,7 @@ def _scan(rows, user_columns, out, rank, world, device, *, preset, metric, backe
     _agree(world)  # every rank has read the journals before any rank appends to them
     mine = pending[rank::world]
     budget = max_memory or default_memory_budget(device)
-    batch = max(1, min(MAX_BATCH, budget // (SEGMENT_ELEMS * 4)))
+    batch = max(1, min(MAX_BATCH, budget // (2 * SEGMENT_ELEMS * 4)))  # two buffer sets
     opts = {"preset": preset, "metric": metric, "backend": backend, "device": device}
     bar = tqdm(total=len(mine), unit="ckpt", desc=f"scan rank {rank}" if world > 1 else "scan",
                disable=None if progress else True)

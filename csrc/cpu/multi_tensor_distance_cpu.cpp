@@ -101,33 +101,45 @@ struct SlotLayout {
 // Per-thread buffers, allocated once per parallel_for range rather than per item.
 template <typename scalar_t, typename acc_t>
 struct ItemScratch {
+  static constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
   std::vector<const scalar_t*> anchor_ptrs, target_ptrs;
-  std::vector<const acc_t*> anchor_block;
-  std::vector<acc_t> widened;  // reduced-precision blocks converted to acc_t
+  std::vector<const acc_t*> anchor_chunk, anchor_block;
+  // Reduced precision: the anchors' chunk and one target block converted to acc_t.
+  std::vector<acc_t> widened;
   ItemScratch(int64_t A, int64_t K)
-      : anchor_ptrs(A), target_ptrs(K), anchor_block(A),
-        widened(std::is_same_v<scalar_t, acc_t> ? 0 : (A + 1) * kBlockElems) {}
+      : anchor_ptrs(A), target_ptrs(K), anchor_chunk(A), anchor_block(A),
+        widened(kWiden ? A * kChunkElems + kBlockElems : 0) {}
 };
 
 // Reduces elements [start, start + len) of one tensor for every pair into row.
+// Targets are the outer loop: each streams through memory once while the
+// anchors' chunk (2 x 256 KB for float) is re-read from cache, which keeps the
+// number of concurrent memory streams at three whatever K is.
 template <typename scalar_t, typename acc_t>
 void reduce_item(ItemScratch<scalar_t, acc_t>& s, int64_t start, int64_t len,
                  const SlotLayout& slots, double* row) {
   const int64_t A = slots.anchors, K = slots.targets;
-  for (int64_t off = start; off < start + len; off += kBlockElems) {
-    const int64_t n = std::min(kBlockElems, start + len - off);
-    auto view = [&](const scalar_t* p, int64_t buf) -> const acc_t* {
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        return p + off;
+  for (int64_t i = 0; i < A; ++i) {
+    if constexpr (ItemScratch<scalar_t, acc_t>::kWiden) {
+      acc_t* dst = s.widened.data() + i * kChunkElems;
+      for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<acc_t>(s.anchor_ptrs[i][start + j]);
+      s.anchor_chunk[i] = dst;
+    } else {
+      s.anchor_chunk[i] = s.anchor_ptrs[i] + start;
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t off = 0; off < len; off += kBlockElems) {
+      const int64_t n = std::min(kBlockElems, len - off);
+      const acc_t* b;
+      if constexpr (ItemScratch<scalar_t, acc_t>::kWiden) {
+        acc_t* dst = s.widened.data() + A * kChunkElems;
+        for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(s.target_ptrs[k][start + off + j]);
+        b = dst;
       } else {
-        acc_t* dst = s.widened.data() + buf * kBlockElems;
-        for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(p[off + j]);
-        return dst;
+        b = s.target_ptrs[k] + start + off;
       }
-    };
-    for (int64_t i = 0; i < A; ++i) s.anchor_block[i] = view(s.anchor_ptrs[i], i);
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t* b = view(s.target_ptrs[k], A);
+      for (int64_t i = 0; i < A; ++i) s.anchor_block[i] = s.anchor_chunk[i] + off;
       for (int64_t i0 = 0; i0 < A; i0 += kFusedAnchors) {
         const int64_t na = std::min(kFusedAnchors, A - i0);
         BlockOut out{};
