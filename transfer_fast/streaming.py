@@ -58,7 +58,11 @@ class StreamedCheckpoint:
         # measured again next time rather than recorded under the new key.
         self.key = [str(self.path), st.st_size, st.st_mtime_ns]
         if self.path.suffix == ".safetensors":
-            self._meta = self._open_safetensors(st.st_size)
+            try:
+                self._meta = self._open_safetensors(st.st_size)
+            except Exception:
+                self.close()  # no descriptor left behind by a bad file
+                raise
         else:
             self._tensors = self._open_torch()
             self._meta = {n: t.to("meta") for n, t in self._tensors.items()}
