@@ -1,7 +1,6 @@
-"""Peak resident memory of a 32-checkpoint scan, and the ratios of the scan benchmarks.
+"""Peak resident memory of a 32-checkpoint scan (the ratios of the timings: ratios.py).
 
     .venv/bin/python -m benchmarks.scan_memory [--folder DIR] [--batches default 8 1]
-    .venv/bin/python -m benchmarks.scan_memory --ratios /tmp/scan_A.json [/tmp/scan_B.json]
 
 Memory: each scan runs in a fresh child process that imports transfer_fast and nothing
 else, takes its VmRSS as the baseline, runs `transfer_fast.scan` over the 32 fine-tuned
@@ -11,11 +10,6 @@ samples VmRSS/RssAnon/RssFile every 5 ms to split the peak into anonymous memory
 mapped file pages (page cache pages mapped by the process count in RSS). The parent
 cross-checks with getrusage(RUSAGE_CHILDREN).ru_maxrss. K is the scan's default
 (`default`: K = 32 here) or forced through `max_memory` (`--batches default 8 1`).
-
-Ratios: per group of the last pytest-benchmark file, each entry's time and
-baseline_time / entry_time for the loops (a speedup), entry_time / read_time for the
-bare reads (the issue's "within 1.3x of the bare read time"), and with several files
-the scan's ratios in each run and their median.
 """
 
 from __future__ import annotations
@@ -24,11 +18,9 @@ import argparse
 import json
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 from .test_scan_speed import FORMATS, NUM_FINETUNED, warm_page_cache, workload, write_checkpoints
@@ -145,66 +137,6 @@ def memory_table(rows: list[dict], pyplot: dict) -> list[str]:
     return lines
 
 
-# ---- ratios of the pytest-benchmark runs -------------------------------------------
-
-SPEEDUPS = ("script_loop", "measure_loop", "measure_loop_auto")  # baseline / entry
-READS = ("read_only", "read_touch", "read_raw")  # entry / read: the issue's "within 1.3x"
-
-
-def load_groups(path: str, stat: str) -> dict[str, dict[str, tuple[float, dict]]]:
-    with open(path) as f:
-        data = json.load(f)
-    groups: dict[str, dict] = defaultdict(dict)
-    for bench in data["benchmarks"]:
-        if bench["group"].startswith("scan"):
-            info = bench["extra_info"]
-            groups[bench["group"]][info["entry"]] = (bench["stats"][stat], info)
-    return groups
-
-
-def ratio(entries, entry: str, base: str) -> float:
-    t, b = entries[entry][0], entries[base][0]
-    return b / t if base in SPEEDUPS else t / b
-
-
-def fmt_ratio(value: float, base: str) -> str:
-    return f"{value:.2f}x" if base in SPEEDUPS else f"{value:.2f}"
-
-
-def heads(bases) -> list[str]:
-    return [f"vs {b}" if b in SPEEDUPS else f"÷ {b}" for b in bases]
-
-
-def ratio_tables(runs: list[dict], stat: str) -> list[str]:
-    lines = []
-    for group, entries in runs[-1].items():
-        bases = [b for b in (*SPEEDUPS, *READS) if b in entries]
-        lines += [f"#### {group}", "",
-                  f"| entry | {stat} s | GB/s | " + " | ".join(heads(bases)) + " | preempt/s |",
-                  "|---|--:|--:|" + "--:|" * (len(bases) + 1)]
-        for entry, (t, info) in sorted(entries.items(), key=lambda item: item[1][0]):
-            cells = [fmt_ratio(ratio(entries, entry, b), b) for b in bases]
-            lines.append(f"| {entry} | {t:.3f} | {info['bytes'] / t / 1e9:.1f} | "
-                         + " | ".join(cells) + f" | {info.get('preempted_per_s', '?')} |")
-        lines.append("")
-    if len(runs) > 1:
-        lines += ["#### Over runs (each cell: run 1, run 2, ... -> median)", ""]
-        for group, entries in runs[-1].items():
-            bases = [b for b in (*SPEEDUPS, *READS) if b in entries]
-            lines += [f"{group}", "", "| entry | " + " | ".join(heads(bases)) + " |",
-                      "|---|" + "--:|" * len(bases)]
-            for entry in (e for e in entries if e.startswith("scan")):
-                cells = []
-                for b in bases:
-                    values = [ratio(r[group], entry, b) for r in runs
-                              if entry in r.get(group, {}) and b in r[group]]
-                    cells.append(", ".join(fmt_ratio(v, b) for v in values)
-                                 + f" -> **{fmt_ratio(statistics.median(values), b)}**")
-                lines.append(f"| {entry} | " + " | ".join(cells) + " |")
-            lines.append("")
-    return lines
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, help="checkpoints folder (written if needed, "
@@ -212,14 +144,7 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
     parser.add_argument("--batches", nargs="+", default=["default", "8", "1"],
                         help="K per scan: 'default' (the scan's choice) or a number")
-    parser.add_argument("--ratios", nargs="+", metavar="JSON",
-                        help="print the ratios of pytest-benchmark files instead")
-    parser.add_argument("--stat", default="median", choices=("median", "min", "mean"))
     args = parser.parse_args()
-    if args.ratios:
-        print("\n".join(ratio_tables([load_groups(p, args.stat) for p in args.ratios],
-                                     args.stat)))
-        return
     folder = args.folder or Path(tempfile.mkdtemp(prefix="tf-scan-mem-"))
     try:
         write_checkpoints(folder)

@@ -28,7 +28,7 @@ before timing so the page cache is warm. One benchmark group per format:
 
 `bytes` in extra_info is the size of those 34 files for every entry of a group, so the
 GB/s column of `ratios.py` is comparable. The ratios of the issue's goals are printed by
-`python -m benchmarks.scan_memory --ratios <bench.json>`.
+`python benchmarks/ratios.py <bench.json>` (`of read_only` = read time / scan time).
 
 The folder is deleted at session end. With TRANSFER_FAST_SCAN_DIR=<dir> the checkpoints
 are written there once and kept, for repeated sessions and for `scan_memory.py`.

@@ -1,10 +1,10 @@
 """Many-model scans: T of every fine-tuned checkpoint, streamed, batched, resumable, sharded.
 
 θr and θA are held in memory and read once per batch of K fine-tuned targets; the
-targets are memory-mapped and reduced segment by segment, pages given back as soon
-as a segment is done, so memory stays bounded whatever K is. A background thread
-opens the next batch while the current one is reduced. Under torchrun each rank
-takes every world_size-th pending checkpoint and rank 0 writes the tables.
+targets are read piece by piece into reused buffers (streaming.py) and reduced a
+call at a time, so memory stays bounded whatever K is. One thread opens the next
+batch, another reads the next call's pieces while the kernel runs. Under torchrun
+each rank takes every world_size-th pending checkpoint and rank 0 writes the tables.
 """
 
 from __future__ import annotations
