@@ -6,6 +6,8 @@ Run with:  .venv/bin/python -m pytest benchmarks --benchmark-json=/tmp/bench.jso
 
 from __future__ import annotations
 
+import resource
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -105,3 +107,24 @@ def workloads(request):
         return cache[name, device]
 
     return get
+
+
+def measure(benchmark, fn, *, group: str, entry: str, device: str, nbytes: int,
+            baseline: bool) -> None:
+    """Times fn() in `group`; extra_info says what ratios.py needs. `preempted_per_s`,
+    the involuntary context switches of this process per second while it ran, tells
+    a run disturbed by other processes on a shared machine (tens when quiet)."""
+    benchmark.group = group
+    benchmark.extra_info.update(entry=entry, device=device, bytes=nbytes,
+                                threads=torch.get_num_threads(), baseline=baseline,
+                                torch=torch.__version__)
+
+    def measured():
+        result = fn()
+        sync(device)
+        return result
+
+    switches, start = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw, time.perf_counter()
+    benchmark(measured)
+    switches = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - switches
+    benchmark.extra_info["preempted_per_s"] = round(switches / (time.perf_counter() - start))

@@ -15,16 +15,13 @@ time covers the whole computation.
 
 from __future__ import annotations
 
-import resource
-import time
-
 import pytest
 import torch
 
 import transfer_fast
 from transfer_fast import multi_tensor_distance, transferability
 
-from .conftest import Workload, make_workload, selected, sync
+from .conftest import Workload, make_workload, measure, selected
 
 BASELINES = ("loop_item", "loop_stack", "foreach", "roofline")
 
@@ -77,23 +74,8 @@ def require_backend(backend: str) -> None:
 
 
 def run(benchmark, fn, w: Workload, group: str, entry: str) -> None:
-    """Times fn(w) in `group`; extra_info says what ratios.py needs. `preempted_per_s`,
-    the involuntary context switches of this process per second while it ran, tells
-    a run disturbed by other processes on a shared machine (tens when quiet)."""
-    benchmark.group = group
-    benchmark.extra_info.update(
-        entry=entry, device=w.device, bytes=w.nbytes, threads=torch.get_num_threads(),
-        baseline=entry in BASELINES, torch=torch.__version__)
-
-    def measured():
-        result = fn(w)
-        sync(w.device)
-        return result
-
-    switches, start = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw, time.perf_counter()
-    benchmark(measured)
-    switches = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - switches
-    benchmark.extra_info["preempted_per_s"] = round(switches / (time.perf_counter() - start))
+    measure(benchmark, lambda: fn(w), group=group, entry=entry, device=w.device,
+            nbytes=w.nbytes, baseline=entry in BASELINES)
 
 
 @pytest.mark.parametrize(("workload", "entry"), CASES, ids=[f"{w}-{e}" for w, e in CASES])

@@ -20,4 +20,12 @@ TORCH_LIBRARY(transfer_fast, m) {
   m.def(
       "multi_tensor_distance(Tensor[] anchors, Tensor[] targets, "
       "int num_tensors) -> Tensor");
+  // x: (N, C, S), or (N, S, C) when channels_last; shift: float64 (C,), the
+  // value subtracted before squaring (near the mean keeps float64 exact);
+  // labels: int64 (N,) in [0, num_classes), or None with num_classes == 1.
+  // Returns float64 count (K,) (elements per channel), mean (K, C) and
+  // centred sum of squares (K, C) per class; empty classes give zeros.
+  m.def(
+      "channel_stats(Tensor x, Tensor shift, Tensor? labels, int num_classes, "
+      "bool channels_last) -> (Tensor, Tensor, Tensor)");
 }

@@ -11,8 +11,6 @@ import torch
 
 log = logging.getLogger("transfer_fast")
 
-OP = "transfer_fast::multi_tensor_distance"
-
 loaded = False
 reason = ""
 try:
@@ -26,9 +24,10 @@ except (ImportError, OSError) as exc:  # a missing or unloadable .so
     log.warning("transfer_fast: compiled kernels unavailable (%s); using pure torch", reason)
 
 
-def has_kernel(dispatch_key: str) -> bool:
-    """Whether the compiled library registered `multi_tensor_distance` for 'CPU' or 'CUDA'."""
-    return loaded and torch._C._dispatch_has_kernel_for_dispatch_key(OP, dispatch_key)
+def has_kernel(dispatch_key: str, op: str = "multi_tensor_distance") -> bool:
+    """Whether the compiled library registered `op` for 'CPU' or 'CUDA'."""
+    return loaded and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"transfer_fast::{op}", dispatch_key)
 
 
 def build_info() -> dict:

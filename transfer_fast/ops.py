@@ -99,3 +99,62 @@ def multi_tensor_distance(
         pick = lambda sets: [[s[t] for t in slow] for s in sets]  # noqa: E731
         out[:, :, slow] = reference.multi_tensor_distance(pick(anchors), pick(targets)).to(device)
     return out
+
+
+def _stats_layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """x as (N, C, S) or, channels innermost, (N, S, C), without a copy where possible.
+
+    (N, C, *spatial) contiguous -> (N, C, S); (N, C, H, W) in channels_last memory
+    format -> (N, H*W, C); (N, L, C) tokens and (N, C) features -> channels last.
+    """
+    if x.dim() == 2:
+        return x.contiguous().unsqueeze(1), True
+    if x.dim() == 3:
+        return x.contiguous(), True
+    n, c = x.shape[:2]
+    if not x.is_contiguous():
+        nhwc = x.movedim(1, -1)
+        if nhwc.is_contiguous():  # channels_last(_3d): a view, no copy
+            return nhwc.reshape(n, -1, c), True
+        x = x.contiguous()
+    return x.reshape(n, c, -1), False
+
+
+def channel_stats(
+    x: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    num_classes: int = 1,
+    *,
+    shift: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per (class, channel) count, mean and centred sum of squares in one pass over x.
+
+    x: (N, C), (N, L, C) or (N, C, *spatial); labels: integers (N,) in
+    [0, num_classes) (checked by the caller) or None for one class. shift:
+    float64 (C,) near the channel means (default: the first sample's values);
+    the kernels sum x - shift, which keeps float64 exact for a large mean.
+    Returns float64 count (K,), mean (K, C), m2 (K, C); empty classes are zeros.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if x.dim() < 2:
+        raise ValueError(f"channel_stats expects (N, C), (N, L, C) or (N, C, ...) "
+                         f"activations, got shape {tuple(x.shape)}")
+    x3, channels_last = _stats_layout(x.detach())
+    if labels is not None:
+        labels = labels.to(x.device, torch.long).contiguous()
+    key = _DISPATCH_KEY.get(x.device.type)
+    compiled = key is not None and _ext.has_kernel(key, "channel_stats")
+    if backend not in ("auto", "torch") and (backend != x.device.type or not compiled):
+        raise RuntimeError(f"backend {backend!r} cannot reduce tensors on {x.device}: "
+                           f"{backend_status().get(backend, 'unknown backend')}")
+    if backend == "torch" or not compiled or x3.dtype not in KERNEL_DTYPES:
+        return reference.channel_stats(x3, labels, num_classes, channels_last)
+    if shift is None:  # any value of the channel keeps d = x - shift near its spread
+        if x3.shape[0] == 0:
+            shift = x3.new_zeros(x3.shape[2] if channels_last else x3.shape[1])
+        else:
+            shift = x3[0, 0, :] if channels_last else x3[0, :, 0]
+    shift = shift.to(x.device, torch.float64).contiguous()
+    return torch.ops.transfer_fast.channel_stats(x3, shift, labels, num_classes, channels_last)

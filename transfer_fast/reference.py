@@ -39,3 +39,26 @@ def multi_tensor_distance(
                 out[i, k, t] = torch.stack([d.abs().sum(), (d * d).sum(), (a * b).sum(),
                                             (a * a).sum(), (b * b).sum()])
     return out
+
+
+def channel_stats(x: torch.Tensor, labels: torch.Tensor | None, num_classes: int,
+                  channels_last: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per (class, channel) count, mean and centred sum of squares, like the kernels.
+
+    x: (N, C, S), or (N, S, C) when channels_last; labels: int64 (N,) or None (one
+    class). Returns float64 (K,), (K, C), (K, C); empty classes get zeros. Two passes
+    in float64: the exact mean, then the squares about it.
+    """
+    d = x.detach().to(torch.float64)
+    d = d if channels_last else d.transpose(1, 2)  # (N, S, C)
+    n, s, c = d.shape
+    y = torch.zeros(n, dtype=torch.long, device=x.device) if labels is None else labels
+    count = torch.bincount(y, minlength=num_classes).to(torch.float64) * s
+    sums = torch.zeros(num_classes, c, dtype=torch.float64, device=x.device)
+    sums.index_add_(0, y, d.sum(1))
+    safe = count.clamp_min(1).unsqueeze(1)
+    mean = sums / safe
+    centred = d - mean[y].unsqueeze(1)
+    m2 = torch.zeros_like(sums).index_add_(0, y, (centred * centred).sum(1))
+    return count, mean, m2

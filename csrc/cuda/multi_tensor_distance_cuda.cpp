@@ -11,25 +11,10 @@
 
 #include "../common/distance_sums.h"
 #include "../common/input_checks.h"
+#include "element_dtype_glue.h"
 #include "multi_tensor_distance_kernel.h"
 
 namespace transfer_fast {
-namespace {
-
-DistanceDtype to_distance_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return DistanceDtype::kFloat32;
-    case at::kHalf: return DistanceDtype::kFloat16;
-    case at::kBFloat16: return DistanceDtype::kBFloat16;
-    case at::kDouble: return DistanceDtype::kFloat64;
-    default: break;
-  }
-  TORCH_CHECK(false, "multi_tensor_distance (CUDA): expected float32, float16, bfloat16 or "
-              "float64 tensors, got ", type);
-}
-
-}  // namespace
-
 at::Tensor multi_tensor_distance_cuda(at::TensorList anchors, at::TensorList targets,
                                       int64_t num_tensors) {
   // Shared with the CPU kernel so both backends refuse the same inputs with
@@ -44,7 +29,7 @@ at::Tensor multi_tensor_distance_cuda(at::TensorList anchors, at::TensorList tar
   const int64_t A = sets.anchors;
   const int64_t K = sets.targets;
   const at::Tensor& ref = anchors[0];
-  const DistanceDtype dtype = to_distance_dtype(ref.scalar_type());
+  const ElementDtype dtype = to_element_dtype(ref.scalar_type(), "multi_tensor_distance");
 
   const c10::cuda::OptionalCUDAGuard guard(ref.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -269,7 +269,7 @@ cudaError_t launch_partials(const int64_t* meta, const DistanceMetaLayout& layou
 
 }  // namespace
 
-cudaError_t launch_multi_tensor_distance(DistanceDtype dtype, const int64_t* meta,
+cudaError_t launch_multi_tensor_distance(ElementDtype dtype, const int64_t* meta,
                                          int64_t num_anchor_sets, int64_t num_target_sets,
                                          int64_t num_tensors, int64_t num_chunks,
                                          double* partials, double* out, cudaStream_t stream) {
@@ -280,12 +280,12 @@ cudaError_t launch_multi_tensor_distance(DistanceDtype dtype, const int64_t* met
   cudaError_t (*launch)(const int64_t*, const DistanceMetaLayout&, int64_t, int64_t, double*,
                         cudaStream_t) = nullptr;
   switch (dtype) {
-    case DistanceDtype::kFloat32: launch = launch_partials<F32, 2, 8>; break;
-    case DistanceDtype::kFloat16: launch = launch_partials<F16, 2, 8>; break;
-    case DistanceDtype::kBFloat16: launch = launch_partials<BF16, 2, 8>; break;
-    case DistanceDtype::kFloat64: launch = launch_partials<F64, 2, 4>; break;
+    case ElementDtype::kFloat32: launch = launch_partials<F32, 2, 8>; break;
+    case ElementDtype::kFloat16: launch = launch_partials<F16, 2, 8>; break;
+    case ElementDtype::kBFloat16: launch = launch_partials<BF16, 2, 8>; break;
+    case ElementDtype::kFloat64: launch = launch_partials<F64, 2, 4>; break;
   }
-  if (launch == nullptr) return cudaErrorInvalidValue;  // not a DistanceDtype
+  if (launch == nullptr) return cudaErrorInvalidValue;  // not an ElementDtype
   const cudaError_t err = launch(meta, layout, A, K, partials, stream);
   if (err != cudaSuccess) return err;
 

@@ -7,16 +7,9 @@
 
 #include <cstdint>
 
-namespace transfer_fast {
+#include "element_dtype.h"
 
-// Element types of the fast route. The glue maps at::ScalarType onto this;
-// the .cu switches on it, so neither side includes the other's headers.
-enum class DistanceDtype : int {
-  kFloat32 = 0,
-  kFloat16 = 1,
-  kBFloat16 = 2,
-  kFloat64 = 3,
-};
+namespace transfer_fast {
 
 // Layout of the single int64 metadata buffer the glue fills on the host
 // (pinned) and copies to the device. One buffer, one copy: with A + K ~ 34
@@ -65,7 +58,7 @@ inline int64_t distance_num_slots(int64_t num_anchor_sets,
 //   out:      device float64 (A, K, T, 5) result, fully overwritten
 // Nothing is accumulated with atomics, so results are bitwise reproducible
 // for the same inputs.
-cudaError_t launch_multi_tensor_distance(DistanceDtype dtype,
+cudaError_t launch_multi_tensor_distance(ElementDtype dtype,
                                          const int64_t* meta,
                                          int64_t num_anchor_sets,
                                          int64_t num_target_sets,

@@ -1,0 +1,93 @@
+"""Speed of channel_stats and of FeatureStats hooks against the baselines of the issue.
+
+  var_mean     torch.var_mean(x, dim=(0, 2, 3)): the best single torch call (no class
+               statistics, no merge)
+  masked_loop  per class: x[labels == k] then var_mean, for every class
+  bare_forward the model's forward pass without hooks (for the hook overhead)
+
+Activations (256, 1024, 14, 14) float32 (205 MB): a ResNet-50 layer3 output of a batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import transfer_fast as tf
+
+from .conftest import DEVICES, measure
+
+SHAPE = (256, 1024, 14, 14)
+CLASSES = 1000
+
+
+@pytest.fixture(scope="module")
+def activations():
+    cache = {}
+
+    def get(device: str):
+        if device not in cache:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(SHAPE, generator=g)
+            labels = torch.randint(0, CLASSES, (SHAPE[0],), generator=g)
+            cache[device] = x.to(device), labels.to(device)
+        return cache[device]
+
+    return get
+
+
+def masked_loop(x, labels):
+    return [torch.var_mean(x[labels == k], dim=(0, 2, 3)) for k in range(CLASSES)]
+
+
+FUNCTIONS = {
+    "channel_stats": lambda x, y: tf.channel_stats(x).m2.cpu(),
+    "channel_stats_classes": lambda x, y: tf.channel_stats(x, y, CLASSES).class_m2.cpu(),
+    "var_mean": lambda x, y: torch.var_mean(x, dim=(0, 2, 3))[0].cpu(),
+    "masked_loop": masked_loop,
+}
+# (group kind, entry): var_mean is in both groups as the single-call yardstick.
+CASES = [("all", "channel_stats"), ("all", "var_mean"), ("classes", "channel_stats_classes"),
+         ("classes", "var_mean"), ("classes", "masked_loop")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("kind", "entry"), CASES, ids=[f"{k}-{e}" for k, e in CASES])
+def test_channel_stats(benchmark, activations, device, kind, entry):
+    x, labels = activations(device)
+    group = f"channel_stats {SHAPE}" + (f" {CLASSES} classes" if kind == "classes" else "")
+    measure(benchmark, lambda: FUNCTIONS[entry](x, labels), group=f"{group} [{device}]",
+            entry=entry, device=device, nbytes=x.numel() * x.element_size(),
+            baseline=entry in ("var_mean", "masked_loop"))
+
+
+@pytest.fixture(scope="module")
+def resnet_batch():
+    from transfer_fast.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet50", 1000).eval()
+    return model, torch.randn(8, 3, 160, 160)
+
+
+@pytest.mark.parametrize("entry", ["feature_stats", "bare_forward"])
+def test_hook_overhead(benchmark, resnet_batch, entry):
+    """Statistics at every BN input (53 layers) and the penultimate covariance of a
+    ResNet-50 on the CPU, against the same forward pass without hooks."""
+    model, x = resnet_batch
+    if entry == "feature_stats":
+        stats = tf.FeatureStats(model)
+
+        def fn():
+            return stats.update(x)
+    else:
+
+        def fn():
+            with torch.no_grad():
+                return model(x)
+    try:
+        measure(benchmark, fn, group="resnet50 forward, batch 8x3x160x160 [cpu]", entry=entry,
+                device="cpu", nbytes=x.numel() * 4, baseline=entry == "bare_forward")
+    finally:
+        if entry == "feature_stats":
+            stats.close()

@@ -1,0 +1,68 @@
+// Argument checks and the finishing step of channel_stats, shared by the CPU
+// kernel and the CUDA glue so that both refuse the same inputs with the same
+// messages and turn their shifted sums into statistics the same way.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace transfer_fast {
+
+struct StatsDims {
+  int64_t samples;   // N
+  int64_t channels;  // C
+  int64_t inner;     // S: positions per (sample, channel), H*W or L
+};
+
+// x: (N, C, S), or (N, S, C) when channels_last; shift: float64 (C,);
+// labels: int64 (N,) or undefined with num_classes == 1.
+inline StatsDims check_stats_inputs(const at::Tensor& x, const at::Tensor& shift,
+                                    const std::optional<at::Tensor>& labels,
+                                    int64_t num_classes, bool channels_last,
+                                    at::DeviceType device_type) {
+  TORCH_CHECK(x.dim() == 3, "channel_stats: expected x of 3 dimensions ",
+              channels_last ? "(N, S, C)" : "(N, C, S)", ", got shape ", x.sizes());
+  const at::ScalarType t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "channel_stats: expected float32, float64, float16 or bfloat16 x, got ", t);
+  TORCH_CHECK(x.device().type() == device_type, "channel_stats: expected x on ",
+              device_type, ", got ", x.device());
+  TORCH_CHECK(x.is_contiguous(), "channel_stats: x of shape ", x.sizes(),
+              " is not contiguous");
+  const int64_t C = x.size(channels_last ? 2 : 1);
+  TORCH_CHECK(shift.scalar_type() == at::kDouble && shift.dim() == 1 && shift.size(0) == C &&
+                  shift.is_contiguous() && shift.device() == x.device(),
+              "channel_stats: expected shift float64 (", C, ",) contiguous on ", x.device(),
+              ", got ", shift.scalar_type(), " ", shift.sizes(), " on ", shift.device());
+  TORCH_CHECK(num_classes >= 1, "channel_stats: num_classes must be >= 1, got ", num_classes);
+  if (labels.has_value()) {
+    const at::Tensor& y = *labels;
+    TORCH_CHECK(y.scalar_type() == at::kLong && y.dim() == 1 && y.size(0) == x.size(0) &&
+                    y.is_contiguous() && y.device() == x.device(),
+                "channel_stats: expected labels int64 (", x.size(0), ",) contiguous on ",
+                x.device(), ", got ", y.scalar_type(), " ", y.sizes(), " on ", y.device());
+  } else {
+    TORCH_CHECK(num_classes == 1, "channel_stats: num_classes is ", num_classes,
+                " but no labels were given");
+  }
+  return {x.size(0), C, x.size(channels_last ? 1 : 2)};
+}
+
+// Sums of d = x - shift per (class, channel) -> (count, mean, centred sum of
+// squares). The shift keeps d near zero, so s2 - s1^2/n loses little to
+// cancellation in float64 even for a large mean and a small spread.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_stats(const at::Tensor& count,
+                                                                   const at::Tensor& s1,
+                                                                   const at::Tensor& s2,
+                                                                   const at::Tensor& shift) {
+  const at::Tensor n = count.unsqueeze(1);
+  const at::Tensor safe_n = n.clamp_min(1);  // empty classes: count 0, mean 0, m2 0
+  const at::Tensor present = n > 0;
+  const at::Tensor mean = at::where(present, shift.unsqueeze(0) + s1 / safe_n, 0.0);
+  const at::Tensor m2 = at::where(present, (s2 - s1 * s1 / safe_n).clamp_min(0.0), 0.0);
+  return {count, mean, m2};
+}
+
+}  // namespace transfer_fast

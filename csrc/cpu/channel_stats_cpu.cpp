@@ -1,0 +1,106 @@
+// CPU kernel of transfer_fast::channel_stats: per (class, channel) sums of
+// d = x - shift and d^2 in float64, in one pass over x in its own layout.
+//
+// Work is split over channels: each thread owns a range of channels and walks
+// all samples in order, so every (class, channel) sum is added in the same
+// order whatever the thread count (results are bit-identical for 1 or 2
+// threads), and no partials have to be merged. A sample adds into the row of
+// its class, so the cost does not depend on the number of classes.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "../common/channel_stats_common.h"
+
+namespace transfer_fast {
+namespace {
+
+// (N, C, S): each (sample, channel) row of S elements is contiguous and
+// reduced with vector lanes before it is added to its class.
+template <typename scalar_t>
+void sums_channels_first(const scalar_t* x, const double* shift, const int64_t* labels,
+                         const StatsDims& d, double* s1, double* s2) {
+  const int64_t C = d.channels, S = d.inner;
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(
+                                                 1, d.samples * S));
+  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t n = 0; n < d.samples; ++n) {
+      const int64_t k = labels ? labels[n] : 0;
+      for (int64_t c = c0; c < c1; ++c) {
+        const scalar_t* row = x + (n * C + c) * S;
+        const double sh = shift[c];
+        double a = 0.0, b = 0.0;
+#pragma omp simd reduction(+ : a, b)
+        for (int64_t j = 0; j < S; ++j) {
+          const double v = static_cast<double>(row[j]) - sh;
+          a += v;
+          b += v * v;
+        }
+        s1[k * C + c] += a;
+        s2[k * C + c] += b;
+      }
+    }
+  });
+}
+
+// (N, S, C): channels are contiguous, so each position adds a vector of
+// channels to its class row; no horizontal reduction is needed.
+template <typename scalar_t>
+void sums_channels_last(const scalar_t* x, const double* shift, const int64_t* labels,
+                        const StatsDims& d, double* s1, double* s2) {
+  const int64_t C = d.channels, S = d.inner;
+  const int64_t grain = std::max<int64_t>(8, at::internal::GRAIN_SIZE / std::max<int64_t>(
+                                                 1, d.samples * S));
+  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t n = 0; n < d.samples; ++n) {
+      double* a = s1 + (labels ? labels[n] : 0) * C;
+      double* b = s2 + (labels ? labels[n] : 0) * C;
+      for (int64_t s = 0; s < S; ++s) {
+        const scalar_t* p = x + (n * S + s) * C;
+#pragma omp simd
+        for (int64_t c = c0; c < c1; ++c) {
+          const double v = static_cast<double>(p[c]) - shift[c];
+          a[c] += v;
+          b[c] += v * v;
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_stats_cpu(
+    const at::Tensor& x, const at::Tensor& shift, const std::optional<at::Tensor>& labels,
+    int64_t num_classes, bool channels_last) {
+  const StatsDims d =
+      check_stats_inputs(x, shift, labels, num_classes, channels_last, at::kCPU);
+  const int64_t K = num_classes;
+  const at::TensorOptions f64 = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor count = at::zeros({K}, f64);
+  at::Tensor s1 = at::zeros({K, d.channels}, f64);
+  at::Tensor s2 = at::zeros({K, d.channels}, f64);
+  const int64_t* y = labels.has_value() ? labels->const_data_ptr<int64_t>() : nullptr;
+  double* cnt = count.data_ptr<double>();
+  for (int64_t n = 0; n < d.samples; ++n) {  // checked here: a bad label would write anywhere
+    const int64_t k = y ? y[n] : 0;
+    TORCH_CHECK(k >= 0 && k < K, "channel_stats: labels[", n, "] = ", k,
+                " is outside [0, num_classes=", K, ")");
+    cnt[k] += static_cast<double>(d.inner);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_stats", [&] {
+    auto run = channels_last ? sums_channels_last<scalar_t> : sums_channels_first<scalar_t>;
+    run(x.const_data_ptr<scalar_t>(), shift.const_data_ptr<double>(), y, d,
+        s1.data_ptr<double>(), s2.data_ptr<double>());
+  });
+  return finish_stats(count, s1, s2, shift);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(transfer_fast, CPU, m) {
+  m.impl("channel_stats", &channel_stats_cpu);
+}
+
+}  // namespace transfer_fast

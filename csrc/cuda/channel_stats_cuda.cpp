@@ -1,0 +1,47 @@
+// CUDA kernel of transfer_fast::channel_stats: the shared argument checks,
+// device guard and current stream, workspaces, then the nvcc-compiled
+// launcher. Labels are not range-checked here (that would synchronise on
+// every call); the kernels skip out-of-range labels so a bad one can never
+// write out of bounds, and the Python wrapper rejects them before the call.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "../common/channel_stats_common.h"
+#include "channel_stats_kernel.h"
+#include "element_dtype_glue.h"
+
+namespace transfer_fast {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_stats_cuda(
+    const at::Tensor& x, const at::Tensor& shift, const std::optional<at::Tensor>& labels,
+    int64_t num_classes, bool channels_last) {
+  const StatsDims d =
+      check_stats_inputs(x, shift, labels, num_classes, channels_last, at::kCUDA);
+  const ElementDtype dtype = to_element_dtype(x.scalar_type(), "channel_stats");
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  const at::TensorOptions f64 = x.options().dtype(at::kDouble);
+  const int64_t K = num_classes, C = d.channels;
+  at::Tensor rows = at::empty({d.samples * C, 2}, f64);
+  at::Tensor count = at::empty({K}, f64);
+  at::Tensor s1 = at::empty({K, C}, f64);
+  at::Tensor s2 = at::empty({K, C}, f64);
+  C10_CUDA_CHECK(launch_channel_stats(
+      dtype, x.const_data_ptr(), shift.const_data_ptr<double>(),
+      labels.has_value() ? labels->const_data_ptr<int64_t>() : nullptr, d.samples, C, d.inner,
+      K, channels_last, rows.data_ptr<double>(), count.data_ptr<double>(),
+      s1.data_ptr<double>(), s2.data_ptr<double>(), stream));
+  return finish_stats(count, s1, s2, shift);
+}
+
+}  // namespace transfer_fast
+
+TORCH_LIBRARY_IMPL(transfer_fast, CUDA, m) {
+  m.impl("channel_stats", &transfer_fast::channel_stats_cuda);
+}

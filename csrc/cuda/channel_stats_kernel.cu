@@ -1,0 +1,158 @@
+// Per (class, channel) shifted sums for channel_stats, in two steps:
+//   1. one value pair per (sample, channel) row: sum d and sum d^2 over the
+//      row's S positions, d = x - shift, in float64 (a warp per row when the
+//      row is contiguous, a thread per row when channels are innermost, so
+//      loads stay coalesced either way);
+//   2. a thread per channel adds the rows of each sample, in sample order,
+//      into the sums of the sample's class: deterministic without atomics,
+//      and the cost does not grow with the number of classes.
+// Only CUDA headers and our own: this file must build with plain nvcc.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "channel_stats_kernel.h"
+
+#define DEVICE_INLINE __device__ __forceinline__
+
+namespace transfer_fast {
+namespace {
+
+constexpr int kThreads = 256;
+
+DEVICE_INLINE double to_double(float v) { return static_cast<double>(v); }
+DEVICE_INLINE double to_double(double v) { return v; }
+DEVICE_INLINE double to_double(__half v) { return static_cast<double>(__half2float(v)); }
+DEVICE_INLINE double to_double(__nv_bfloat16 v) {
+  return static_cast<double>(__bfloat162float(v));
+}
+
+// Step 1, (N, C, S): warp w of the grid takes rows w, w + warps, ...
+template <typename T>
+__global__ void __launch_bounds__(kThreads) row_sums_channels_first(
+    const T* __restrict__ x, const double* __restrict__ shift, int64_t rows, int64_t C,
+    int64_t S, double* __restrict__ out) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / 32);
+  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32; r < rows;
+       r += warps) {
+    const T* row = x + r * S;
+    const double sh = shift[r % C];
+    double a = 0.0, b = 0.0;
+    for (int64_t j = lane; j < S; j += 32) {
+      const double v = to_double(row[j]) - sh;
+      a += v;
+      b = fma(v, v, b);
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      a += __shfl_down_sync(0xffffffffu, a, offset);
+      b += __shfl_down_sync(0xffffffffu, b, offset);
+    }
+    if (lane == 0) {
+      out[2 * r] = a;
+      out[2 * r + 1] = b;
+    }
+  }
+}
+
+// Step 1, (N, S, C): thread i of the grid takes the row (n, c) = divmod(i, C)
+// and walks its S positions, C elements apart; neighbouring threads read
+// neighbouring channels.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) row_sums_channels_last(
+    const T* __restrict__ x, const double* __restrict__ shift, int64_t rows, int64_t C,
+    int64_t S, double* __restrict__ out) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < rows;
+       r += stride) {
+    const int64_t n = r / C, c = r % C;
+    const T* p = x + n * S * C + c;
+    const double sh = shift[c];
+    double a = 0.0, b = 0.0;
+    for (int64_t s = 0; s < S; ++s) {
+      const double v = to_double(p[s * C]) - sh;
+      a += v;
+      b = fma(v, v, b);
+    }
+    out[2 * r] = a;
+    out[2 * r + 1] = b;
+  }
+}
+
+// Step 2: thread c adds rows (n, c) for n = 0..N-1 into its class; thread 0
+// also counts the samples per class.
+__global__ void __launch_bounds__(kThreads) class_sums(
+    const double* __restrict__ rows, const int64_t* __restrict__ labels, int64_t N, int64_t C,
+    int64_t S, int64_t K, double* __restrict__ count, double* __restrict__ s1,
+    double* __restrict__ s2) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= C) return;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t k = labels ? labels[n] : 0;
+    if (k < 0 || k >= K) continue;
+    s1[k * C + c] += rows[2 * (n * C + c)];
+    s2[k * C + c] += rows[2 * (n * C + c) + 1];
+    if (c == 0) count[k] += static_cast<double>(S);
+  }
+}
+
+int grid_for(int64_t work_items, int items_per_block) {
+  const int64_t blocks = (work_items + items_per_block - 1) / items_per_block;
+  // Grid-stride loops cover the rest; 65535 blocks keep every GPU busy.
+  return static_cast<int>(blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks));
+}
+
+template <typename T>
+cudaError_t launch_rows(const void* x, const double* shift, int64_t N, int64_t C, int64_t S,
+                        bool channels_last, double* out, cudaStream_t stream) {
+  const int64_t rows = N * C;
+  const T* data = static_cast<const T*>(x);
+  if (channels_last) {
+    row_sums_channels_last<T><<<grid_for(rows, kThreads), kThreads, 0, stream>>>(
+        data, shift, rows, C, S, out);
+  } else {
+    row_sums_channels_first<T><<<grid_for(rows, kThreads / 32), kThreads, 0, stream>>>(
+        data, shift, rows, C, S, out);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_channel_stats(ElementDtype dtype, const void* x, const double* shift,
+                                 const int64_t* labels, int64_t samples, int64_t channels,
+                                 int64_t inner, int64_t num_classes, bool channels_last,
+                                 double* row_sums, double* count, double* s1, double* s2,
+                                 cudaStream_t stream) {
+  const int64_t K = num_classes, C = channels;
+  for (auto [ptr, n] : {std::pair<double*, int64_t>{count, K}, {s1, K * C}, {s2, K * C}}) {
+    const cudaError_t err = cudaMemsetAsync(ptr, 0, n * sizeof(double), stream);
+    if (err != cudaSuccess) return err;
+  }
+  if (samples == 0 || C == 0) return cudaSuccess;
+  cudaError_t err = cudaErrorInvalidValue;  // stays so for a value outside ElementDtype
+  switch (dtype) {
+    case ElementDtype::kFloat32:
+      err = launch_rows<float>(x, shift, samples, C, inner, channels_last, row_sums, stream);
+      break;
+    case ElementDtype::kFloat64:
+      err = launch_rows<double>(x, shift, samples, C, inner, channels_last, row_sums, stream);
+      break;
+    case ElementDtype::kFloat16:
+      err = launch_rows<__half>(x, shift, samples, C, inner, channels_last, row_sums, stream);
+      break;
+    case ElementDtype::kBFloat16:
+      err = launch_rows<__nv_bfloat16>(x, shift, samples, C, inner, channels_last, row_sums,
+                                       stream);
+      break;
+  }
+  if (err != cudaSuccess) return err;
+  class_sums<<<grid_for(C, kThreads), kThreads, 0, stream>>>(row_sums, labels, samples, C,
+                                                             inner, K, count, s1, s2);
+  return cudaGetLastError();
+}
+
+}  // namespace transfer_fast

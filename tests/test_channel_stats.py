@@ -1,0 +1,162 @@
+"""channel_stats against float64 statistics written out per class, on every layout."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import backend_of
+
+import transfer_fast as tf
+from transfer_fast import ops
+
+
+def exact(x, labels=None, num_classes=1, channel_dim=1):
+    """float64 per class (count, mean, m2): a masked loop, independent of the package."""
+    x64 = x.detach().double().cpu().movedim(channel_dim, -1)
+    c = x64.shape[-1]
+    y = torch.zeros(x.shape[0], dtype=torch.long) if labels is None else labels.cpu()
+    count = torch.zeros(num_classes, dtype=torch.float64)
+    mean = torch.zeros(num_classes, c, dtype=torch.float64)
+    m2 = torch.zeros(num_classes, c, dtype=torch.float64)
+    for k in range(num_classes):
+        rows = x64[y == k].reshape(-1, c)
+        if len(rows):
+            count[k], mean[k] = len(rows), rows.mean(0)
+            m2[k] = ((rows - rows.mean(0)) ** 2).sum(0)
+    return count, mean, m2
+
+
+def assert_matches(got, want, rel=1e-10):
+    for name, g, w in zip(("count", "mean", "m2"), got, want):
+        g = g.cpu()
+        scale = w.abs().max().clamp_min(1e-300)
+        assert torch.allclose(g, w, rtol=rel, atol=rel * float(scale)), \
+            f"{name}: worst error {(g - w).abs().max():.3g}"
+
+
+LAYOUTS = {
+    "nchw": lambda g: (torch.randn(6, 5, 7, 9, generator=g), 1),
+    "nchw_channels_last": lambda g: (torch.randn(6, 5, 7, 9, generator=g)
+                                     .to(memory_format=torch.channels_last), 1),
+    "features": lambda g: (torch.randn(40, 33, generator=g), 1),
+    "tokens": lambda g: (torch.randn(6, 11, 17, generator=g), 2),
+    "ncdhw": lambda g: (torch.randn(3, 4, 2, 5, 6, generator=g), 1),
+    "transposed_view": lambda g: (torch.randn(5, 7, 6, 8, generator=g).transpose(2, 3), 1),
+    "empty_spatial_edge": lambda g: (torch.randn(9, 3, 1, 1, generator=g), 1),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("labelled", [False, True])
+def test_layouts_match_float64(layout, labelled, device):
+    g = torch.Generator().manual_seed(0)
+    x, cdim = LAYOUTS[layout](g)
+    x = x * 3 + 2
+    labels = torch.randint(0, 4, (x.shape[0],), generator=g) if labelled else None
+    k = 4 if labelled else 1
+    got = ops.channel_stats(x.to(device), None if labels is None else labels.to(device), k,
+                            backend=backend_of(device))
+    assert_matches(got, exact(x, labels, k, cdim))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_dtypes_accumulate_in_float64(dtype, device):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(16, 8, 13, 13, generator=g) + 1).to(dtype)
+    labels = torch.randint(0, 3, (16,), generator=g)
+    got = ops.channel_stats(x.to(device), labels.to(device), 3, backend=backend_of(device))
+    assert_matches(got, exact(x, labels, 3))  # exact on the rounded values: no float32 sums
+
+
+def test_large_mean_small_spread_streamed(device):
+    """mean 1e3, std 1: merged partial results keep the variance to 1e-6 (float64 Chan)."""
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(64, 16, 14, 14, generator=g, dtype=torch.float64) + 1e3).float()
+    whole = x.double().numpy().transpose(1, 0, 2, 3).reshape(16, -1)
+    want = whole.var(axis=1)
+    parts = [tf.channel_stats(chunk.to(device), backend=backend_of(device))
+             for chunk in x.split(5)]
+    merged = parts[0]
+    for p in parts[1:]:
+        merged = merged.merge(p)
+    rel = np.abs(merged.variance().cpu().numpy() - want) / want
+    assert rel.max() < 1e-6, rel.max()
+    # A first value far from the mean (shift 1e3 away) must not cost accuracy either.
+    y = x.clone()
+    y[0, :, 0, 0] = 0.0
+    got = tf.channel_stats(y.to(device), backend=backend_of(device)).variance().cpu().numpy()
+    want = y.double().numpy().transpose(1, 0, 2, 3).reshape(16, -1).var(axis=1)
+    assert (np.abs(got - want) / want).max() < 1e-6
+
+
+def test_thousand_classes_and_empty_classes(device):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 12, 4, 4, generator=g)
+    labels = torch.randint(0, 1000, (300,), generator=g)
+    got = ops.channel_stats(x.to(device), labels.to(device), 1000, backend=backend_of(device))
+    assert_matches(got, exact(x, labels, 1000))
+    empty = torch.ones(1000, dtype=torch.bool)
+    empty[labels] = False
+    assert (got[0].cpu()[empty] == 0).all() and (got[1].cpu()[empty] == 0).all()
+
+
+def test_results_do_not_depend_on_thread_count():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(32, 257, 9, 9, generator=g)
+    labels = torch.randint(0, 7, (32,), generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.channel_stats(x, labels, 7, backend="cpu")
+        torch.set_num_threads(2)
+        two = ops.channel_stats(x, labels, 7, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_pure_torch_backend_agrees_and_totals_merge_classes():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(20, 6, 5, 5, generator=g) * 2 - 1
+    labels = torch.randint(0, 3, (20,), generator=g)
+    assert_matches(ops.channel_stats(x, labels, 3, backend="torch"), exact(x, labels, 3))
+    stats = tf.channel_stats(x, labels)
+    total = exact(x)
+    assert stats.num_classes == 3 and stats.count == total[0].item()
+    assert torch.allclose(stats.mean, total[1][0], rtol=1e-12, atol=1e-12)
+    assert torch.allclose(stats.m2, total[2][0], rtol=1e-12)
+    assert torch.allclose(stats.variance(unbiased=True),
+                          x.double().transpose(0, 1).reshape(6, -1).var(1), rtol=1e-12)
+
+
+def test_opcheck():
+    if not tf.backend_status()["cpu"] == "available":
+        pytest.skip("compiled kernels not built")
+    x = torch.randn(4, 3, 5)
+    shift = torch.zeros(3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.transfer_fast.channel_stats.default,
+                          (x, shift, torch.tensor([0, 1, 1, 0]), 2, False))
+    torch.library.opcheck(torch.ops.transfer_fast.channel_stats.default,
+                          (x, torch.zeros(5, dtype=torch.float64), None, 1, True))
+
+
+@pytest.mark.parametrize("labels, match", [
+    (torch.tensor([0, 1, 5]), "outside"),
+    (torch.tensor([0, -1, 1]), "outside"),
+    (torch.tensor([0, 1]), "shape"),
+    (torch.tensor([0.0, 1.0, 1.0]), "integers"),
+])
+def test_bad_labels_are_refused(labels, match):
+    with pytest.raises(tf.TransferFastError, match=match):
+        tf.channel_stats(torch.randn(3, 4), labels, num_classes=3)
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(tf.TransferFastError, match=r"\(5,\)"):
+        tf.channel_stats(torch.randn(5))
+    with pytest.raises(tf.TransferFastError, match="needs labels"):
+        tf.channel_stats(torch.randn(5, 2), num_classes=3)
+    if tf.backend_status()["cpu"] == "available":  # the kernel guards its own writes too
+        with pytest.raises(RuntimeError, match="outside"):
+            torch.ops.transfer_fast.channel_stats(
+                torch.randn(2, 1, 3), torch.zeros(3, dtype=torch.float64), torch.tensor([0, 9]),
+                2, True)

@@ -1,0 +1,164 @@
+"""FeatureStats hooks, merge, save/load and all_reduce against float64 statistics of the inputs."""
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import transfer_fast as tf
+
+
+class SmallNet(nn.Module):
+    """conv-BN stages, a BN1d on the pooled features, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16)
+        self.bn3 = nn.BatchNorm1d(16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(self.bn3(x.mean((2, 3))))
+
+
+def model(seed=0):
+    torch.manual_seed(seed)
+    return SmallNet().eval()
+
+
+def captured_inputs(net, x):
+    """The inputs of every BN layer and of fc, captured with plain hooks (independent)."""
+    seen, handles = {}, []
+    for name, m in net.named_modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, nn.Linear)):
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, inp, name=name: seen.setdefault(name, []).append(inp[0].double())))
+    with torch.no_grad():
+        net(x)
+    for h in handles:
+        h.remove()
+    return {k: torch.cat(v) for k, v in seen.items()}
+
+
+def data(n=48, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def test_statistics_of_every_bn_input_and_the_penultimate_features():
+    net = model()
+    x, y = data()
+    stats = tf.FeatureStats(net)
+    for xb, yb in zip(x.split(10), y.split(10)):
+        stats.update(xb, yb)
+    stats.close()
+    ref = captured_inputs(net, x)
+    assert set(stats.layers) == set(ref) and stats.penultimate == "fc" and stats.samples == 48
+    for name, act in ref.items():
+        per_channel = act.movedim(1, -1).reshape(-1, act.shape[1])
+        got = stats.layers[name]
+        assert torch.allclose(got.mean, per_channel.mean(0), rtol=1e-10, atol=1e-12), name
+        assert torch.allclose(got.variance(unbiased=True), per_channel.var(0), rtol=1e-9), name
+        for k in range(4):  # class statistics too
+            rows = act[y == k].movedim(1, -1).reshape(-1, act.shape[1])
+            assert torch.allclose(got.class_mean[k], rows.mean(0), rtol=1e-10, atol=1e-12)
+    feats = ref["fc"]
+    mean, cov = stats.gaussian()
+    assert torch.allclose(mean, feats.mean(0), atol=1e-12)
+    assert torch.allclose(cov, torch.cov(feats.T), rtol=1e-9, atol=1e-12)
+
+
+def test_model_mode_restored_and_hooks_removed():
+    net = model().train()
+    with tf.FeatureStats(net) as stats:
+        stats.update(data(8)[0])
+        assert net.training
+    before = stats.layers["bn1"].count
+    with torch.no_grad():
+        net(data(8)[0])
+    assert stats.layers["bn1"].count == before  # closed: no more accumulation
+
+
+def test_merge_of_shards_equals_one_pass_and_save_load_round_trip(tmp_path):
+    net = model()
+    x, y = data(60)
+    whole = tf.FeatureStats(net)
+    whole.update(x, y)
+    a, b = tf.FeatureStats(net), tf.FeatureStats(net)
+    a.update(x[:25], y[:25])
+    b.update(x[25:], y[25:])
+    merged = a.merge(b)
+    for name in whole.layers:
+        assert torch.allclose(merged.layers[name].class_m2, whole.layers[name].class_m2,
+                              rtol=1e-10, atol=1e-12)
+    assert torch.allclose(merged.covariance.comoment, whole.covariance.comoment, rtol=1e-10,
+                          atol=1e-12)
+    path = tmp_path / "stats.safetensors"
+    merged.save(path)
+    back = tf.FeatureStats.load(path)
+    assert back.samples == 60 and back.penultimate == "fc" and list(back.layers) == list(
+        merged.layers)
+    for name in merged.layers:
+        assert torch.equal(back.layers[name].class_mean, merged.layers[name].class_mean)
+    assert torch.equal(back.gaussian()[1], merged.gaussian()[1])
+    with pytest.raises(tf.TransferFastError, match="no model"):
+        back.update(x)
+
+
+def test_bad_inputs(tmp_path):
+    net = model()
+    x, y = data(10)
+    stats = tf.FeatureStats(net, num_classes=4)
+    with pytest.raises(tf.TransferFastError, match="outside"):
+        stats.update(x, torch.full((10,), 4))
+    with pytest.raises(tf.TransferFastError, match="shape"):
+        stats.update(x, y[:5])
+    bad = x.clone()
+    bad[3, 0, 2, 2] = float("nan")
+    with pytest.raises(tf.TransferFastError, match="NaN or Inf at the input of 'bn1'"):
+        stats.update(bad)
+    with pytest.raises(tf.TransferFastError, match="no module 'nope'"):
+        tf.FeatureStats(net, ["nope"])
+    with pytest.raises(tf.TransferFastError, match="no module to watch"):
+        tf.FeatureStats(nn.Sequential(nn.ReLU()))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(tf.TransferFastError, match="junk.safetensors"):
+        tf.FeatureStats.load(tmp_path / "junk.safetensors")
+    with pytest.raises(tf.TransferFastError, match="no such file"):
+        tf.FeatureStats.load(tmp_path / "missing.safetensors")
+
+
+def _rank(rank, world, port, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    x, y = data(40)
+    stats = tf.FeatureStats(model())
+    stats.update(x[rank::world], y[rank::world])
+    stats.all_reduce()
+    if rank == 0:
+        stats.save(out)
+    dist.destroy_process_group()
+
+
+def test_all_reduce_across_two_gloo_ranks(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "reduced.safetensors"
+    mp.spawn(_rank, args=(2, port, str(out)), nprocs=2, join=True)
+    reduced = tf.FeatureStats.load(out)
+    x, y = data(40)
+    whole = tf.FeatureStats(model())
+    whole.update(x, y)
+    assert reduced.samples == 40
+    for name in whole.layers:
+        assert torch.allclose(reduced.layers[name].m2, whole.layers[name].m2, rtol=1e-9)
