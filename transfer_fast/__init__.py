@@ -6,10 +6,13 @@ the Transferability in Deep Learning"), from one fused pass over the parameters.
 
 from .checkpoints import load_state
 from .errors import TransferFastError
+from .features import FeatureStats
+from .gap import BNGapResult, IntraclassVariance, bn_gap, data_amount, intraclass_variance
 from .layers import PRESETS, Plan, make_plan
 from .ops import BACKENDS, backend_status, multi_tensor_distance
 from .scan import ScanResult, scan
 from .similarity import SimilarityResult, similarity
+from .stats import ChannelStats, CovarianceStats, channel_stats
 from .transferability import (
     METRICS,
     LayerDistances,
@@ -23,6 +26,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "BNGapResult",
+    "ChannelStats",
+    "CovarianceStats",
+    "FeatureStats",
+    "IntraclassVariance",
     "METRICS",
     "PRESETS",
     "LayerDistances",
@@ -32,6 +40,10 @@ __all__ = [
     "TransferFastError",
     "TransferabilityResult",
     "backend_status",
+    "bn_gap",
+    "channel_stats",
+    "data_amount",
+    "intraclass_variance",
     "layer_distances",
     "load_state",
     "make_plan",
