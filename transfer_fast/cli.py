@@ -43,6 +43,16 @@ def _cmd_scan(args) -> int:
     return 0
 
 
+def _cmd_gap(args) -> int:
+    from .gap_run import run_gap
+
+    run_gap(args.model, args.arch, args.data, out=args.out, metric=args.metric,
+            batch_size=args.batch_size, image_size=args.image_size,
+            reference_stats=args.reference_stats, save_stats=args.save_stats,
+            device=args.device, backend=args.backend, plots=not args.no_plots)
+    return 0
+
+
 def _bytes(text: str) -> int:
     """'512M', '2G', '1.5GB' or a plain byte count."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -138,6 +148,29 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--no-plots", action="store_true", help="tables only, no PNGs")
     sc.add_argument("--no-progress", action="store_true", help="no progress bar")
     sc.set_defaults(func=_cmd_scan)
+
+    g = sub.add_parser("gap", parents=[common],
+                       help="domain gap G, intraclass variance D and data amount N of a data "
+                            "set under a pre-trained model")
+    g.add_argument("--model", required=True, help="pre-trained checkpoint (.pt/.safetensors)")
+    g.add_argument("--arch", required=True,
+                   help="resnet18/34/50, tiny-resnet, or package.module:function")
+    g.add_argument("--data", required=True,
+                   help="folder of images in class subfolders, or .npz with x and y")
+    g.add_argument("--out", default="runs/gap", help="output folder (default runs/gap)")
+    g.add_argument("--metric", default="w2", choices=("w2", "skl"),
+                   help="BN-statistics gap: 2-Wasserstein or symmetric KL")
+    g.add_argument("--batch-size", type=_positive_int, default=64)
+    g.add_argument("--image-size", type=_positive_int, default=None,
+                   help="resize images (default 224 for folders, as stored for .npz)")
+    g.add_argument("--reference-stats",
+                   help="FeatureStats .safetensors of the pre-training data (from --save-stats)"
+                        ": adds the Fréchet distance of the penultimate features")
+    g.add_argument("--save-stats", help="save this data's FeatureStats to a .safetensors file")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--backend", default="auto", choices=BACKENDS)
+    g.add_argument("--no-plots", action="store_true", help="tables only, no PNG")
+    g.set_defaults(func=_cmd_gap)
 
     i = sub.add_parser("info", parents=[common],
                        help="versions, available backends, built architectures")
