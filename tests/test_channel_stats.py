@@ -160,3 +160,21 @@ def test_bad_shapes_are_refused():
             torch.ops.transfer_fast.channel_stats(
                 torch.randn(2, 1, 3), torch.zeros(3, dtype=torch.float64), torch.tensor([0, 9]),
                 2, True)
+
+
+def test_covariance_streamed_in_batches_matches_numpy():
+    g = torch.Generator().manual_seed(6)
+    mix = torch.randn(24, 24, generator=g, dtype=torch.float64)
+    x = (torch.randn(500, 24, generator=g, dtype=torch.float64) @ mix + 1e3).float()
+    cov = tf.CovarianceStats.empty(24)
+    for part in x.split([1, 0, 99, 150, 250]):
+        cov.add_batch(part)
+    want = np.cov(x.double().numpy(), rowvar=False)
+    assert cov.count == 500
+    np.testing.assert_allclose(cov.mean.numpy(), x.double().numpy().mean(0), rtol=1e-13)
+    np.testing.assert_allclose(cov.covariance().numpy(), want, rtol=1e-9, atol=1e-9)
+    halves = tf.CovarianceStats.empty(24).add_batch(x[:200]).merge(
+        tf.CovarianceStats.empty(24).add_batch(x[200:]))
+    np.testing.assert_allclose(halves.covariance().numpy(), want, rtol=1e-9, atol=1e-9)
+    with pytest.raises(tf.TransferFastError, match=r"\(N, 24\)"):
+        cov.add_batch(torch.randn(3, 5))

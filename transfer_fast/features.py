@@ -84,8 +84,9 @@ class FeatureStats:
             feats = x.detach().flatten(1) if x.dim() != 2 else x.detach()
             if name not in self.modules:
                 self._add(name, feats)
-            batch = CovarianceStats.of(feats)
-            self.covariance = batch if self.covariance is None else self.covariance.merge(batch)
+            if self.covariance is None:
+                self.covariance = CovarianceStats.empty(feats.shape[1], feats.device)
+            self.covariance.add_batch(feats)
 
     def _add(self, name: str, x: torch.Tensor) -> None:
         prev = self.layers.get(name)

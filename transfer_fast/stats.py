@@ -157,15 +157,25 @@ class CovarianceStats:
         z = torch.zeros(channels, dtype=torch.float64, device=device)
         return cls(0.0, z, torch.zeros(channels, channels, dtype=torch.float64, device=device))
 
-    @classmethod
-    def of(cls, x: torch.Tensor) -> CovarianceStats:
-        """Statistics of one batch (N, C): centred on the batch mean, then a float64 gram."""
-        if x.dim() != 2:
-            raise TransferFastError(f"covariance needs (N, C) features, got {tuple(x.shape)}")
-        x = x.detach().to(torch.float64)
-        mean = x.mean(0)
-        centred = x - mean
-        return cls(float(x.shape[0]), mean, centred.T @ centred)
+    def add_batch(self, x: torch.Tensor) -> CovarianceStats:
+        """Accumulates a batch (N, C) in place: the batch's gram about its own mean, then
+        Chan's correction, both added into the (C, C) comoment without temporaries."""
+        if x.dim() != 2 or x.shape[1] != self.mean.shape[0]:
+            raise TransferFastError(f"covariance of {self.mean.shape[0]} features: expected "
+                                    f"(N, {self.mean.shape[0]}), got {tuple(x.shape)}")
+        x = x.detach().to(self.mean.device, torch.float64)
+        n_b = float(x.shape[0])
+        if n_b == 0:
+            return self
+        mean_b = x.mean(0)
+        centred = x - mean_b
+        self.comoment.addmm_(centred.T, centred)
+        n = self.count + n_b
+        delta = mean_b - self.mean
+        self.comoment.addr_(delta, delta, alpha=self.count * n_b / n)
+        self.mean.add_(delta, alpha=n_b / n)
+        self.count = n
+        return self
 
     def merge(self, other: CovarianceStats) -> CovarianceStats:
         if other.mean.shape != self.mean.shape:
