@@ -20,7 +20,7 @@ from collections import defaultdict
 
 BASELINES = ("loop_item", "loop_stack", "foreach", "roofline", "script_loop", "measure_loop",
              "measure_loop_auto", "read_only", "read_touch", "read_raw", "var_mean",
-             "masked_loop", "bare_forward")
+             "masked_loop", "bare_forward", "bare_loop", "epoch", "scipy_sqrtm", "eigvals")
 # Baselines that bound an entry from below (reading the data): shown as a fraction.
 FRACTIONS = ("roofline", "read_only", "read_touch", "read_raw")
 

@@ -93,11 +93,19 @@ def test_unsupported_plot_format_is_one_line(triple_files, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_demo_writes_the_three_sets_and_the_report(tmp_path):
-    proc = run("demo", "--out", tmp_path / "demo", "--epochs", "2", check_rc=0)
-    for name in ("random.safetensors", "pretrained.safetensors", "finetuned.safetensors",
-                 "result.json", "result.csv", "T.png", "summary.json"):
-        assert (tmp_path / "demo" / name).exists(), name
-    result = json.loads((tmp_path / "demo" / "result.json").read_text())
-    assert result["groups"][0] == "stem" and result["classifier"] == "fc"
-    assert "overall" in proc.stdout
+def test_demo_runs_the_experiment_and_writes_the_report(tmp_path):
+    proc = run("demo", "--out", tmp_path / "demo", "--epochs", "1", "--no-progress",
+               check_rc=0)
+    assert "40 of 40 runs measured" in proc.stdout
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "Findings" in report and report.count("](figures/") == 4
+    for name in ("layerwise_T.png", "T_vs_G_and_N.png", "trajectories.png", "model_fit.png"):
+        assert (tmp_path / "demo" / "figures" / name).stat().st_size > 0
+
+
+def test_demo_prints_a_config_that_experiment_accepts(tmp_path):
+    proc = run("demo", "--print-config", check_rc=0)
+    from transfer_fast.experiment_config import parse_config, tomllib
+
+    cfg = parse_config(tomllib.loads(proc.stdout))
+    assert len(cfg["task"]) == 5 and cfg["experiment"]["data_amounts"] == [50, 100, 200, 400]

@@ -6,10 +6,14 @@ the Transferability in Deep Learning"), from one fused pass over the parameters.
 
 from .checkpoints import load_state
 from .errors import TransferFastError
+from .experiment import ExperimentResult, run_experiment
 from .features import FeatureStats
+from .finetune import TrainResult, finetune, pretrain
+from .frechet import FrechetResult, frechet_distance
 from .gap import BNGapResult, IntraclassVariance, bn_gap, data_amount, intraclass_variance
 from .layers import PRESETS, Plan, make_plan
 from .ops import BACKENDS, backend_status, multi_tensor_distance
+from .regression import TransferabilityModel, fit_transferability_model
 from .scan import ScanResult, scan
 from .similarity import SimilarityResult, similarity
 from .stats import ChannelStats, CovarianceStats, channel_stats
@@ -29,25 +33,34 @@ __all__ = [
     "BNGapResult",
     "ChannelStats",
     "CovarianceStats",
+    "ExperimentResult",
     "FeatureStats",
+    "FrechetResult",
     "IntraclassVariance",
+    "LayerDistances",
     "METRICS",
     "PRESETS",
-    "LayerDistances",
     "Plan",
     "ScanResult",
     "SimilarityResult",
+    "TrainResult",
     "TransferFastError",
+    "TransferabilityModel",
     "TransferabilityResult",
     "backend_status",
     "bn_gap",
     "channel_stats",
     "data_amount",
+    "finetune",
+    "fit_transferability_model",
+    "frechet_distance",
     "intraclass_variance",
     "layer_distances",
     "load_state",
     "make_plan",
     "multi_tensor_distance",
+    "pretrain",
+    "run_experiment",
     "scan",
     "similarity",
     "transferability",

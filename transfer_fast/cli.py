@@ -53,6 +53,19 @@ def _cmd_gap(args) -> int:
     return 0
 
 
+def _cmd_experiment(args) -> int:
+    from .experiment import run_experiment
+
+    return _report_outcome(run_experiment(args.config, args.out, html=args.html,
+                                          progress=not args.no_progress))
+
+
+def _report_outcome(result) -> int:
+    print(f"{sum(r['status'] == 'done' for r in result.runs)} of {len(result.runs)} runs "
+          f"measured; report in {result.report}")
+    return 0
+
+
 def _bytes(text: str) -> int:
     """'512M', '2G', '1.5GB' or a plain byte count."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -88,10 +101,15 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    if args.print_config:
+        from .experiment_config import DEMO_CONFIG
+
+        print(DEMO_CONFIG, end="")
+        return 0
     from .demo import run_demo
 
-    run_demo(args.out, seed=args.seed, epochs=args.epochs, backend=args.backend)
-    return 0
+    return _report_outcome(run_demo(args.out, epochs=args.epochs, html=args.html,
+                                    progress=not args.no_progress))
 
 
 def _positive_int(text: str) -> int:
@@ -172,17 +190,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-plots", action="store_true", help="tables only, no PNG")
     g.set_defaults(func=_cmd_gap)
 
+    x = sub.add_parser("experiment", parents=[common],
+                       help="pre-train, fine-tune a grid of tasks x data amounts x seeds, "
+                            "measure T, G, D, N, fit the model, write report.md")
+    x.add_argument("config", help="TOML config (see `transfer-fast demo --print-config`)")
+    x.add_argument("--out", default=None,
+                   help="run folder (default runs/<experiment.name>); rerunning resumes")
+    x.add_argument("--html", action="store_true", help="also one self-contained report.html")
+    x.add_argument("--no-progress", action="store_true", help="no progress bars")
+    x.set_defaults(func=_cmd_experiment)
+
     i = sub.add_parser("info", parents=[common],
                        help="versions, available backends, built architectures")
     i.set_defaults(func=_cmd_info)
 
     d = sub.add_parser("demo", parents=[common],
-                       help="pre-train and fine-tune a small CNN on digits, measure T")
+                       help="the paper's study in miniature on scikit-learn's digits: "
+                            "pre-train, fine-tune 40 runs, report.md with figures")
     d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--epochs", type=_positive_int, default=30,
-                   help="epochs of each training stage (default 30)")
-    d.add_argument("--backend", default="auto", choices=BACKENDS)
+    d.add_argument("--epochs", type=_positive_int, default=None,
+                   help="epochs of both training stages (default: the config's 30 and 20)")
+    d.add_argument("--html", action="store_true", help="also one self-contained report.html")
+    d.add_argument("--print-config", action="store_true",
+                   help="print the demo's TOML config (a start for `experiment`) and exit")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=_cmd_demo)
     return parser
 

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from .checkpoints import StateSource, load_state
-from .demo import TinyResNet
 from .errors import TransferFastError, first_few
 
 _HEADS = ("fc.weight", "classifier.weight", "head.weight")
@@ -106,6 +105,33 @@ class ResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class TinyResNet(nn.Module):
+    """ResNet-shaped CNN for small images (the demo's 8x8 digits), torchvision's names:
+    a 3x3 stem without pooling, three stages of two basic blocks, global pooling, fc."""
+
+    def __init__(self, num_classes: int, width: int = 16, in_channels: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = self._stage(width, width, 1)
+        self.layer2 = self._stage(width, 2 * width, 2)
+        self.layer3 = self._stage(2 * width, 4 * width, 2)
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    @staticmethod
+    def _stage(cin: int, cout: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or cin != cout:
+            downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                       nn.BatchNorm2d(cout))
+        return nn.Sequential(BasicBlock(cin, cout, stride, downsample), BasicBlock(cout, cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(x.mean((2, 3)))
 
 
 _BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {

@@ -88,6 +88,18 @@ def _pyplot():
     return plt
 
 
+def plain_log_axes(*axes) -> None:
+    """Log axes labelled 5, 10, 20, 50 rather than 5x10^0, 10^1, 2x10^1, 5x10^1."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    for ax in axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() == "log":
+                axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+                axis.set_major_formatter(ScalarFormatter())
+                axis.set_minor_formatter(NullFormatter())
+
+
 def _label_axis(ax, axis: str, labels: list[str], max_ticks: int = _MAX_TICKS) -> None:
     """Tick labels on 'x' (long ones rotated) or 'y', smaller and thinned out as they grow."""
     ticks = list(range(0, len(labels), math.ceil(len(labels) / max_ticks)))
