@@ -61,13 +61,17 @@ def test_channel_stats(benchmark, activations, device, kind, entry):
             baseline=entry in ("var_mean", "masked_loop"))
 
 
-@pytest.fixture(scope="module")
-def resnet_batch():
+def make_resnet_batch():
     from transfer_fast.models import build_model
 
     torch.manual_seed(0)
     model = build_model("resnet50", 1000).eval()
     return model, torch.randn(8, 3, 160, 160)
+
+
+@pytest.fixture(scope="module")
+def resnet_batch():
+    return make_resnet_batch()
 
 
 @pytest.mark.parametrize("entry", ["feature_stats", "bare_forward"])
@@ -91,3 +95,41 @@ def test_hook_overhead(benchmark, resnet_batch, entry):
     finally:
         if entry == "feature_stats":
             stats.close()
+
+
+def main() -> None:
+    """Paired cross-check of the hook overhead: the bare forward and FeatureStats.update
+    alternate within each round, so a drift of the shared machine hits both alike."""
+    import argparse
+    import statistics
+    import time
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    model, x = make_resnet_batch()
+    stats = tf.FeatureStats(model)
+
+    def bare():
+        with torch.no_grad():
+            model(x)
+
+    runs = {"bare_forward": bare, "feature_stats": lambda: stats.update(x)}
+    for fn in runs.values():  # warm up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(args.rounds):
+        for name in list(runs) if r % 2 == 0 else list(runs)[::-1]:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    ratios = [s / b for s, b in zip(times["feature_stats"], times["bare_forward"])]
+    q1, med, q3 = statistics.quantiles(ratios, n=4)
+    print(f"resnet50 8x3x160x160, {torch.get_num_threads()} threads, {args.rounds} rounds: "
+          f"bare {statistics.median(times['bare_forward']) * 1e3:.1f} ms, with FeatureStats "
+          f"{statistics.median(times['feature_stats']) * 1e3:.1f} ms; time ratio q1 / median / "
+          f"q3 = {q1:.3f} / {med:.3f} / {q3:.3f}")
+
+
+if __name__ == "__main__":
+    main()

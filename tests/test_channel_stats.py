@@ -178,3 +178,20 @@ def test_covariance_streamed_in_batches_matches_numpy():
     np.testing.assert_allclose(halves.covariance().numpy(), want, rtol=1e-9, atol=1e-9)
     with pytest.raises(tf.TransferFastError, match=r"\(N, 24\)"):
         cov.add_batch(torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (3, 4, 0, 2), (0, 5), (2, 0, 3)])
+def test_empty_inputs_give_zero_counts(shape, device):
+    x = torch.randn(shape, device=device)
+    count, mean, m2 = ops.channel_stats(x, backend=backend_of(device))
+    channels = shape[2] if len(shape) == 3 else shape[1]
+    assert count.tolist() == [0.0] and mean.shape == (1, channels) and not m2.any()
+
+
+def test_three_dimensional_input_channels_first(device):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 6, 11, generator=g)
+    got = ops.channel_stats(x.to(device), channels_first=True, backend=backend_of(device))
+    assert_matches(got, exact(x, channel_dim=1))
+    got = ops.channel_stats(x.to(device), backend=backend_of(device))  # (N, L, C) tokens
+    assert_matches(got, exact(x, channel_dim=2))

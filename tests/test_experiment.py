@@ -97,7 +97,8 @@ def test_diverging_run_is_recorded_and_the_rest_goes_on(tmp_path):
     result = run_experiment(cfg, tmp_path / "out", progress=False)
     status = {r["lr"]: r["status"] for r in result.runs}
     assert status == {0.01: "done", 1e9: "failed"}
-    assert "failed" in (tmp_path / "out" / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "1 measured, 1 failed" in report and "| failed: loss is" in report
 
 
 def test_cli_exit_2_on_bad_config(tmp_path, capsys):
@@ -105,3 +106,54 @@ def test_cli_exit_2_on_bad_config(tmp_path, capsys):
     assert main(["experiment", str(tmp_path / "c.toml"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "c.toml" in err and "data_amounts: missing" in err and len(err.splitlines()) == 1
+
+
+def test_impossible_values_are_refused_before_anything_runs(tmp_path):
+    cfg = small_config(seeds=[0, 0], learning_rates=[0.01, 0.010000001])
+    cfg["task"][2]["strength"] = 0.0
+    with pytest.raises(tf.TransferFastError) as err:
+        run_experiment(cfg, tmp_path / "out")
+    for part in ("seeds: values must be distinct", "learning_rates: values must be distinct",
+                 "task[2].strength: must be above 0"):
+        assert part in str(err.value)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "thesis.tex").write_text("precious")
+    with pytest.raises(tf.TransferFastError, match="not empty"):
+        run_experiment(small_config(), tmp_path / "full")
+
+
+def fake_result(t_of, groups_t, tasks=("a", "b", "c"), amounts=(50, 400)):
+    """Runs with T = t_of(G, N) and per-group T from groups_t, for the findings alone."""
+    from types import SimpleNamespace
+
+    gaps = {t: 0.1 * (i + 1) for i, t in enumerate(tasks)}
+    runs = [{"run": f"{t}-{n}-{s}", "task": t, "N": n, "seed": s, "status": "done",
+             "T": t_of(gaps[t], n) * (1 + 0.01 * s), "G": gaps[t], "D": 0.5 + 0.01 * s,
+             "T_groups": dict(zip(["stem", "b1", "b2", "fc"], groups_t))}
+            for t in tasks for n in amounts for s in (0, 1)]
+    return SimpleNamespace(runs=runs, tasks={t: {"G": g} for t, g in gaps.items()},
+                           groups=["stem", "b1", "b2", "fc"], classifier="fc")
+
+
+def test_findings_say_whether_each_claim_holds():
+    from transfer_fast.experiment_report import _findings
+    from transfer_fast.regression import fit_transferability_model
+
+    def findings(result):
+        fitted = fit_transferability_model(result.runs)
+        return " ".join(_findings(result, fitted))
+
+    paper_like = fake_result(lambda g, n: 50 * (1 - g) / n ** 0.5, [2.0, 5.0, 3.0, 1.0])
+    text = findings(paper_like)
+    assert "Larger gap -> lower T: holds" in text and "More data -> lower T: holds" in text
+    assert "first layer is not the most transferable: holds" in text
+    opposite = fake_result(lambda g, n: 5 * (1 + g) * n ** 0.5, [9.0, 5.0, 3.0, 1.0])
+    text = findings(opposite)
+    assert "Larger gap -> lower T: does not hold" in text
+    assert "More data -> lower T: does not hold" in text
+    assert "first layer is not the most transferable: does not hold" in text
+    assert "falls steadily from input to output" in text and "in 12 of 12 runs" in text
+    few = fake_result(lambda g, n: 10.0 / n, [1.0, 2.0, 3.0, 1.0], tasks=("a", "b"),
+                      amounts=(50,))
+    text = " ".join(_findings(few, None))
+    assert "gap -> lower T: cannot be tested" in text and "data -> lower T: cannot be" in text

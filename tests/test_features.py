@@ -162,3 +162,78 @@ def test_all_reduce_across_two_gloo_ranks(tmp_path):
     assert reduced.samples == 40
     for name in whole.layers:
         assert torch.allclose(reduced.layers[name].m2, whole.layers[name].m2, rtol=1e-9)
+
+
+def test_periodic_consolidation_gives_the_same_statistics(monkeypatch):
+    import transfer_fast.features as features
+
+    net = model()
+    x, y = data(50)
+    with tf.FeatureStats(net) as lazy:
+        for xb, yb in zip(x.split(10), y.split(10)):
+            lazy.update(xb, yb)
+    monkeypatch.setattr(features, "MAX_PARTS", 2)
+    with tf.FeatureStats(net) as eager:
+        for xb, yb in zip(x.split(10), y.split(10)):
+            eager.update(xb, yb)
+    ref = captured_inputs(net, x)
+    for name in ref:
+        want = ref[name].movedim(1, -1).reshape(-1, ref[name].shape[1]).var(0)
+        for stats in (lazy, eager):
+            got = stats.layers[name].variance(unbiased=True)
+            assert torch.allclose(got, want, rtol=1e-9, atol=1e-12), name
+
+
+class Conv1dNet(nn.Module):
+    """BatchNorm1d on (N, C, L) sequences: channels at dim 1, not last."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv1d(2, 5, 3), nn.BatchNorm1d(5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean(2))
+
+
+def test_batchnorm1d_on_sequences_takes_channels_from_dim_1():
+    torch.manual_seed(0)
+    net = Conv1dNet().eval()
+    x = torch.randn(6, 2, 9)
+    with tf.FeatureStats(net) as stats:
+        stats.update(x)
+    act = net.conv(x).detach().double()
+    want = act.transpose(1, 2).reshape(-1, 5)
+    assert stats.layers["bn"].channels == 5
+    assert torch.allclose(stats.layers["bn"].mean, want.mean(0), atol=1e-12)
+    assert tf.bn_gap(net, stats).channels == [5]
+
+
+def test_class_sorted_batches_grow_the_classes_and_stray_forwards_are_ignored():
+    net = model()
+    x, y = data(40)
+    order = torch.argsort(y)
+    x, y = x[order], y[order]
+    with tf.FeatureStats(net) as stats:
+        for xb, yb in zip(x.split(10), y.split(10)):
+            stats.update(xb, yb)
+        with torch.no_grad():
+            net(x)  # outside update(): not recorded
+        with pytest.raises(tf.TransferFastError, match="cannot be mixed"):
+            stats.update(x)
+    assert stats.samples == 40 and stats.layers["bn1"].num_classes == 4
+    assert stats.layers["bn1"].count == 40 * 8 * 8
+    # bn_gap on a class-sorted loader needs no labels at all.
+    assert len(tf.bn_gap(net, list(zip(x.split(10), y.split(10))), progress=False).values) == 3
+
+
+def test_a_batch_with_nan_leaves_the_statistics_unchanged():
+    net = model()
+    x, _ = data(20)
+    with tf.FeatureStats(net) as stats:
+        stats.update(x[:10])
+        before = stats.layers["bn2"].m2.clone()
+        bad = x[10:].clone()
+        bad[0, 0, 0, 0] = float("inf")
+        with pytest.raises(tf.TransferFastError, match="NaN or Inf"):
+            stats.update(bad)
+    assert torch.equal(stats.layers["bn2"].m2, before) and stats.samples == 10

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ except (ImportError, OSError) as exc:  # a missing or unloadable .so
     log.warning("transfer_fast: compiled kernels unavailable (%s); using pure torch", reason)
 
 
+@functools.cache  # registrations happen once, when the library loads; hooks ask per call
 def has_kernel(dispatch_key: str, op: str = "multi_tensor_distance") -> bool:
     """Whether the compiled library registered `op` for 'CPU' or 'CUDA'."""
     return loaded and torch._C._dispatch_has_kernel_for_dispatch_key(

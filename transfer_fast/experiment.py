@@ -25,7 +25,7 @@ from .checkpoints import load_state
 from .errors import TransferFastError
 from .experiment_config import fingerprint, load_config
 from .experiment_data import apply_shift, load_source, split, subset
-from .features import FeatureStats
+from .features import FeatureStats, batchnorm_layers
 from .finetune import finetune, pretrain
 from .frechet import frechet_distance
 from .gap import bn_gap, intraclass_variance
@@ -58,6 +58,9 @@ def _claim(out: Path, cfg: dict) -> None:
                 f"{out} holds the results of another config (see {marker}); to start fresh, "
                 "delete that folder or choose another --out")
         return
+    if out.is_dir() and any(out.iterdir()):
+        raise TransferFastError(f"{out} is not empty and holds no experiment: choose another "
+                                "--out (or an empty folder)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         marker.write_text(wanted)
@@ -84,7 +87,7 @@ def _load_tasks(cfg: dict) -> tuple[dict, dict]:
     e = cfg["experiment"]
     pre_x, pre_y = load_source(cfg["pretrain"]["data"])
     data = {"pretrain": split(pre_x, pre_y, e["val_fraction"])}
-    errors = []
+    errors = _class_problems("the pre-training data", pre_y)
     for task in cfg["task"]:
         x, y = load_source(task["data"])
         x = apply_shift(x, task["shift"], task["strength"], seed=1234)
@@ -97,14 +100,20 @@ def _load_tasks(cfg: dict) -> tuple[dict, dict]:
         if too_big:
             errors.append(f"task {task['name']}: data amounts {too_big} exceed its {pool} "
                           "training samples")
-        missing = sorted(set(range(int(y.max()) + 1)) - set(y.tolist()))
-        if int(y.max()) < 1 or missing:
-            errors.append(f"task {task['name']}: needs at least two classes, every label in "
-                          f"0..{int(y.max())} with samples (none for {missing})")
+        errors += _class_problems(f"task {task['name']}", y)
     if errors:
         raise TransferFastError("; ".join(errors))
     classes = {name: int(torch.cat([p[1], v[1]]).max()) + 1 for name, (p, v) in data.items()}
     return data, classes
+
+
+def _class_problems(what: str, y: torch.Tensor) -> list[str]:
+    """A model head has max(label) + 1 outputs: every one of them needs samples."""
+    missing = sorted(set(range(int(y.max()) + 1)) - set(y.tolist()))
+    if int(y.max()) < 1 or missing:
+        return [f"{what}: needs at least two classes, each label 0..{int(y.max())} with "
+                f"samples (none for {missing})"]
+    return []
 
 
 def _device(name: str) -> str:
@@ -186,6 +195,9 @@ def _measure_t(out: Path, runs: list[dict], pre, e: dict, progress: bool
             row["T"] = float(rec["overall_T"]) if rec["status"] == "ok" else math.nan
             if rec["status"] != "ok":
                 row.update(status="failed", reason=rec["error"])
+    if not any(math.isfinite(r.get("T", math.nan)) and r["T"] > 0 for r in runs):
+        raise TransferFastError(f"no fine-tuned run has a finite positive T (see "
+                                f"{out / 'scan' / 'summary.csv'}): nothing to report")
     groups: list[str] = []
     with open(out / "scan" / "results.csv") as fh:
         for rec in csv.DictReader(fh):
@@ -216,6 +228,10 @@ def _measure_data(out: Path, cfg: dict, data: dict, pretrained: Path, model_fn, 
         stats.save(out / "stats" / f"{name}.safetensors")
         return stats
 
+    has_bn = bool(batchnorm_layers(model))
+    if not has_bn:
+        notes.append("the model has no BatchNorm layer: G is the Fréchet distance of the "
+                     "penultimate features to the pre-training data")
     reference = stats_of("pretrain")
     tasks = {}
     for task in cfg["task"]:
@@ -225,7 +241,7 @@ def _measure_data(out: Path, cfg: dict, data: dict, pretrained: Path, model_fn, 
             fd = frechet_distance(reference, stats)
         notes += [f"task {task['name']}: {w.message}" for w in caught]
         tasks[task["name"]] = {
-            "G": bn_gap(model, stats, metric=metric).mean,
+            "G": bn_gap(model, stats, metric=metric).mean if has_bn else fd.distance,
             "G_frechet": fd.distance,
             "D": intraclass_variance(stats).normalised,
             "pool": len(data[task["name"]][0][0]),

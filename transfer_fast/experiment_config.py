@@ -94,6 +94,10 @@ def _check_values(cfg: dict, errors: list[str]) -> None:
     errors += [f"{k}: must be above 0, got {v}" for k, v in positive if not v > 0]
     if e.get("data_amounts") == [] or e.get("seeds") == []:
         errors.append("experiment: data_amounts and seeds need at least one value each")
+    for key in ("seeds", "data_amounts", "learning_rates"):  # run names must not collide
+        values = [f"{v:g}" for v in e.get(key, [])]
+        if len(set(values)) != len(values):
+            errors.append(f"experiment.{key}: values must be distinct, got {e[key]}")
     if not 0 < e.get("val_fraction", 0.2) < 1:
         errors.append(f"experiment.val_fraction: must be in (0, 1), got {e['val_fraction']}")
     for key, allowed in (("preset", PRESETS), ("metric", tuple(METRICS)),
@@ -106,6 +110,8 @@ def _check_values(cfg: dict, errors: list[str]) -> None:
         if t.get("shift", "none") not in SHIFTS:
             errors.append(f"task[{i}].shift: expected one of {', '.join(SHIFTS)}, "
                           f"got {t['shift']!r}")
+        if not t.get("strength", 1.0) > 0:
+            errors.append(f"task[{i}].strength: must be above 0, got {t['strength']}")
         name = t.get("name")
         if isinstance(name, str) and (names.count(name) > 1 or not name.replace("-", "")
                                       .replace("_", "").isalnum()):

@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import ops
 from .errors import TransferFastError, first_few
-from .stats import ChannelStats, CovarianceStats, channel_stats, check_labels
+from .stats import ChannelStats, CovarianceStats, check_labels
 
 FORMAT = "transfer_fast.FeatureStats/1"
+MAX_PARTS = 64  # batches kept per layer before they are merged
 _BN = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -47,13 +49,21 @@ class FeatureStats:
                  penultimate: str | None | bool = True, num_classes: int | None = None,
                  backend: str = "auto"):
         self.model, self.backend, self.num_classes = model, backend, num_classes
-        self.layers: dict[str, ChannelStats] = {}
+        self._fixed_classes = num_classes is not None  # else it grows with the labels seen
+        self._labelled: bool | None = None  # labelled and unlabelled batches do not mix
+        self._layers: dict[str, ChannelStats] = {}
+        # Per layer, the batches not yet merged in: merging is deferred to a read (or
+        # every MAX_PARTS batches) so the forward pass pays only for the kernel.
+        self._parts: dict[str, list[ChannelStats]] = {}
+        self._shift: dict[str, torch.Tensor] = {}
         self.covariance: CovarianceStats | None = None
         self.samples = 0
         self.metadata: dict = {}
         self._handles: list = []
+        self._active = False  # hooks record only inside update(), never a stray forward
         self._labels: torch.Tensor | None = None
-        self._pending: list[tuple[str, torch.Tensor]] = []
+        self._pending: list[tuple[str, ChannelStats]] = []  # this batch's, until it is checked
+        self._pending_features: torch.Tensor | None = None
         if model is None:
             self.modules, self.penultimate = list(modules or []), None
             return
@@ -69,74 +79,124 @@ class FeatureStats:
             raise TransferFastError(f"{type(model).__name__}: no module to watch (no BatchNorm "
                                     "and no Linear layer); name the modules explicitly")
         for name in watched:
-            self._handles.append(named[name].register_forward_pre_hook(self._hook(name)))
+            # BatchNorm normalises dim 1 whatever the rank: (N, C, L) for BatchNorm1d.
+            first = isinstance(named[name], _BN)
+            self._handles.append(named[name].register_forward_pre_hook(self._hook(name, first)))
         self.metadata = {"model": type(model).__name__}
 
-    def _hook(self, name: str):
+    def _hook(self, name: str, channels_first: bool):
         def hook(module, inputs):
-            self._observe(name, inputs[0])
+            if not self._active:
+                return
+            if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() < 2:
+                raise TransferFastError(f"module {name!r}: expected a tensor input of shape "
+                                        "(N, C, ...) to take statistics of")
+            self._observe(name, inputs[0].detach(), channels_first)
         return hook
 
-    def _observe(self, name: str, x: torch.Tensor) -> None:
+    def _observe(self, name: str, x: torch.Tensor, channels_first: bool) -> None:
         if name in self.modules:
-            self._add(name, x)
+            self._add(name, x, channels_first)
         if name == self.penultimate:
-            feats = x.detach().flatten(1) if x.dim() != 2 else x.detach()
+            feats = x.flatten(1) if x.dim() != 2 else x
             if name not in self.modules:
-                self._add(name, feats)
-            if self.covariance is None:
-                self.covariance = CovarianceStats.empty(feats.shape[1], feats.device)
-            self.covariance.add_batch(feats)
+                self._add(name, feats, False)
+            self._pending_features = feats
 
-    def _add(self, name: str, x: torch.Tensor) -> None:
-        prev = self.layers.get(name)
-        # The running mean as the shift keeps the kernel's float64 sums near zero.
-        shift = prev.mean if prev is not None and prev.count > 0 else None
-        part = channel_stats(x, self._labels, self.num_classes if self._labels is not None
-                             else None, backend=self.backend, shift=shift)
-        self._pending.append((name, part.class_m2))
-        self.layers[name] = part if prev is None else prev.merge(part)
+    def _add(self, name: str, x: torch.Tensor, channels_first: bool) -> None:
+        if x.shape[0] != self._batch_size:
+            raise TransferFastError(f"module {name!r} got {x.shape[0]} samples from a batch of "
+                                    f"{self._batch_size}: statistics need one row per sample")
+        k = self.num_classes if self._labels is not None else 1
+        count, mean, m2 = ops.channel_stats(x, self._labels, k, shift=self._shift.get(name),
+                                            channels_first=channels_first, backend=self.backend)
+        self._pending.append((name, ChannelStats(count, mean, m2)))
+
+    def _commit(self) -> None:
+        """Adds this batch's statistics, once every layer's are known to be finite.
+
+        One finiteness check per batch over every layer, so a GPU synchronises once.
+        """
+        pending, self._pending = self._pending, []
+        features, self._pending_features = self._pending_features, None
+        if pending:
+            bad = torch.stack([~torch.isfinite(p.class_m2).all() for _, p in pending]).tolist()
+            if any(bad):
+                names = [name for (name, _), b in zip(pending, bad) if b]
+                raise TransferFastError(f"activations with NaN or Inf at the input of "
+                                        f"{first_few(names)}")
+        for name, part in pending:
+            if name not in self._shift:  # the first batch's mean keeps later sums near zero
+                self._shift[name] = part.mean
+            parts = self._parts.setdefault(name, [])
+            parts.append(part)
+            if len(parts) >= MAX_PARTS:
+                self._consolidate(name)
+        if features is not None:
+            if self.covariance is None:
+                self.covariance = CovarianceStats.empty(features.shape[1], features.device)
+            self.covariance.add_batch(features)
+
+    def _consolidate(self, name: str) -> None:
+        parts = self._parts.pop(name, [])
+        if name in self._layers:
+            parts.insert(0, self._layers[name])
+        if parts:
+            self._layers[name] = ChannelStats.combine(parts)
+
+    @property
+    def layers(self) -> dict[str, ChannelStats]:
+        """{module name: ChannelStats} of everything accumulated so far."""
+        for name in list(self._parts):
+            self._consolidate(name)
+        return self._layers
 
     @torch.no_grad()
     def update(self, batch: torch.Tensor, labels=None):
-        """Runs the model on a batch (in eval mode) and accumulates; returns the model's output."""
+        """Runs the model on a batch (in eval mode) and accumulates; returns the model's output.
+
+        Labels (N,) give per-class statistics; without `num_classes` the number of classes
+        grows with the largest label seen. A batch whose activations hold NaN or Inf is
+        refused whole, and the statistics so far stay as they were.
+        """
         if self.model is None:
             raise TransferFastError("these statistics were loaded from a file: no model to run")
-        if labels is not None:
-            labels, self.num_classes = check_labels(labels, len(batch), self.num_classes)
+        if self._labelled is not None and self._labelled != (labels is not None):
+            raise TransferFastError("labelled and unlabelled batches cannot be mixed: class "
+                                    "statistics would be wrong")
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        self._labels = None if labels is None else labels.to(device)
+        if labels is not None:
+            labels, k = check_labels(labels, len(batch),
+                                     self.num_classes if self._fixed_classes else None)
+            self.num_classes = max(self.num_classes or 1, k)
+            labels = labels.to(device)
         was_training = self.model.training
-        self.model.eval()
+        if was_training:  # eval()/train() walk every module: skip them when already in eval
+            self.model.eval()
+        self._labels, self._batch_size, self._active = labels, len(batch), True
         try:
             out = self.model(batch.to(device))
+            self._active = False
+            self._commit()
         finally:
-            self.model.train(was_training)
-            self._labels = None
-        self._check_finite()
+            self._active, self._labels = False, None
+            self._pending, self._pending_features = [], None
+            if was_training:
+                self.model.train()
+        self._labelled = self._labelled if self._labelled is not None else labels is not None
         self.samples += len(batch)
         return out
 
-    def _check_finite(self) -> None:
-        """One check per batch over every layer, so a GPU synchronises once, not per layer."""
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
-        bad = torch.stack([~torch.isfinite(m2).all() for _, m2 in pending])
-        if bad.any():
-            names = [name for (name, _), b in zip(pending, bad.tolist()) if b]
-            raise TransferFastError(f"activations with NaN or Inf at the input of "
-                                    f"{first_few(names)}")
-
-    def accumulate(self, data: Iterable, *, progress: bool = True, desc: str = "statistics"
-                   ) -> FeatureStats:
-        """update() over every batch of data: batches x or (x, y) (a DataLoader, a list...)."""
+    def accumulate(self, data: Iterable, *, labels: bool = True, progress: bool = True,
+                   desc: str = "statistics") -> FeatureStats:
+        """update() over every batch of data: batches x or (x, y) (a DataLoader, a list...);
+        labels=False ignores the y of (x, y) batches (no class statistics)."""
         from tqdm.auto import tqdm
 
         for batch in tqdm(data, desc=desc, unit="batch", leave=False,
                           disable=None if progress else True):
             if isinstance(batch, (tuple, list)):
-                self.update(batch[0], batch[1] if len(batch) > 1 else None)
+                self.update(batch[0], batch[1] if labels and len(batch) > 1 else None)
             else:
                 self.update(batch)
         return self
@@ -146,12 +206,13 @@ class FeatureStats:
         if set(other.layers) != set(self.layers) and self.layers and other.layers:
             raise TransferFastError("cannot merge statistics of different layers: "
                                     f"{first_few(set(self.layers) ^ set(other.layers))}")
+        mine = self.layers
         for name, stats in other.layers.items():
-            self.layers[name] = stats if name not in self.layers else self.layers[name].merge(
-                stats)
-        if other.covariance is not None:
-            self.covariance = other.covariance if self.covariance is None else \
-                self.covariance.merge(other.covariance)
+            mine[name] = stats if name not in mine else mine[name].merge(stats)
+        if other.covariance is not None:  # merge() returns new tensors: nothing is shared
+            start = self.covariance or CovarianceStats.empty(other.covariance.mean.shape[0],
+                                                             other.covariance.mean.device)
+            self.covariance = start.merge(other.covariance)
         self.samples += other.samples
         return self
 
@@ -167,8 +228,8 @@ class FeatureStats:
         merged = FeatureStats()
         for state in gathered:  # rank order on every rank: the same result everywhere
             merged.merge(FeatureStats._from_state(state))
-        self.layers, self.covariance, self.samples = (merged.layers, merged.covariance,
-                                                      merged.samples)
+        self._layers, self.covariance, self.samples = (merged.layers, merged.covariance,
+                                                       merged.samples)
         return self
 
     def close(self) -> None:
@@ -221,7 +282,7 @@ class FeatureStats:
         stats.penultimate, stats.samples = meta["penultimate"], meta["samples"]
         stats.num_classes, stats.metadata = meta["num_classes"], meta.get("metadata", {})
         for name in meta["layers"]:
-            stats.layers[name] = ChannelStats(t[f"{name}/class_count"], t[f"{name}/class_mean"],
+            stats._layers[name] = ChannelStats(t[f"{name}/class_count"], t[f"{name}/class_mean"],
                                               t[f"{name}/class_m2"])
         if meta["covariance_count"] is not None:
             stats.covariance = CovarianceStats(meta["covariance_count"], t["covariance/mean"],

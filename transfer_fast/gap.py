@@ -103,7 +103,7 @@ def bn_gap(model: nn.Module, data: Iterable | FeatureStats, *, metric: str = "w2
         stats = data
     else:
         with FeatureStats(model, names, penultimate=False, backend=backend) as stats:
-            stats.accumulate(data, progress=progress, desc="BN statistics")
+            stats.accumulate(data, labels=False, progress=progress, desc="BN statistics")
     missing = [n for n in names if n not in stats.layers]
     if missing:
         raise TransferFastError(f"no activations reached BatchNorm layer {missing[0]!r}")
@@ -114,6 +114,9 @@ def bn_gap(model: nn.Module, data: Iterable | FeatureStats, *, metric: str = "w2
         bn, seen = modules[name], stats.layers[name]
         mu_a = bn.running_mean.detach().to(torch.float64).cpu()
         var_a = bn.running_var.detach().to(torch.float64).cpu() + bn.eps
+        if seen.channels != mu_a.numel():
+            raise TransferFastError(f"BatchNorm layer {name!r} has {mu_a.numel()} channels but "
+                                    f"its statistics have {seen.channels}")
         mu_b, var_b = seen.mean.cpu(), seen.variance(unbiased=True).cpu() + bn.eps
         per_channel = distance(mu_a, var_a, mu_b, var_b)
         value = per_channel.mean()

@@ -74,8 +74,10 @@ def run_gap(model_path, arch: str, data_path, *, out="runs/gap", metric: str = "
             gap.plot(out / "bn_gap.png", title=f"BN-statistics gap of {Path(data_path).name} "
                                               f"under {Path(model_path).name}")
         print(gap.format_table())
-    if len(data.classes) >= 2:
+    if len(data.classes) >= 2 and stats.penultimate is not None:
         result["D"] = intraclass_variance(stats).to_dict()
+    else:
+        print("note: D (intraclass variance) needs two classes or more and a Linear classifier")
     if reference is not None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

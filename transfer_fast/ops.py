@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -101,23 +102,25 @@ def multi_tensor_distance(
     return out
 
 
-def _stats_layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def _stats_layout(x: torch.Tensor, channels_first: bool) -> tuple[torch.Tensor, bool]:
     """x as (N, C, S) or, channels innermost, (N, S, C), without a copy where possible.
 
-    (N, C, *spatial) contiguous -> (N, C, S); (N, C, H, W) in channels_last memory
-    format -> (N, H*W, C); (N, L, C) tokens and (N, C) features -> channels last.
+    (N, C) features and, unless channels_first, (N, L, C) tokens -> channels last;
+    (N, C, *spatial) (and (N, C, L) when channels_first) contiguous -> (N, C, S); in
+    channels_last memory format -> (N, S, C) as a view.
     """
+    n, c = x.shape[:2]
     if x.dim() == 2:
         return x.contiguous().unsqueeze(1), True
-    if x.dim() == 3:
+    if x.dim() == 3 and not channels_first:
         return x.contiguous(), True
-    n, c = x.shape[:2]
+    spatial = math.prod(x.shape[2:])  # reshape cannot infer -1 from an empty tensor
     if not x.is_contiguous():
         nhwc = x.movedim(1, -1)
         if nhwc.is_contiguous():  # channels_last(_3d): a view, no copy
-            return nhwc.reshape(n, -1, c), True
+            return nhwc.reshape(n, spatial, c), True
         x = x.contiguous()
-    return x.reshape(n, c, -1), False
+    return x.reshape(n, c, spatial), False
 
 
 def channel_stats(
@@ -126,11 +129,13 @@ def channel_stats(
     num_classes: int = 1,
     *,
     shift: torch.Tensor | None = None,
+    channels_first: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per (class, channel) count, mean and centred sum of squares in one pass over x.
 
-    x: (N, C), (N, L, C) or (N, C, *spatial); labels: integers (N,) in
+    x: (N, C), (N, L, C) or (N, C, *spatial); a 3-D x is read as (N, C, L) with
+    channels_first (a BatchNorm1d input), else as (N, L, C). labels: integers (N,) in
     [0, num_classes) (checked by the caller) or None for one class. shift:
     float64 (C,) near the channel means (default: the first sample's values);
     the kernels sum x - shift, which keeps float64 exact for a large mean.
@@ -141,7 +146,7 @@ def channel_stats(
     if x.dim() < 2:
         raise ValueError(f"channel_stats expects (N, C), (N, L, C) or (N, C, ...) "
                          f"activations, got shape {tuple(x.shape)}")
-    x3, channels_last = _stats_layout(x.detach())
+    x3, channels_last = _stats_layout(x.detach(), channels_first)
     if labels is not None:
         labels = labels.to(x.device, torch.long).contiguous()
     key = _DISPATCH_KEY.get(x.device.type)
@@ -152,7 +157,7 @@ def channel_stats(
     if backend == "torch" or not compiled or x3.dtype not in KERNEL_DTYPES:
         return reference.channel_stats(x3, labels, num_classes, channels_last)
     if shift is None:  # any value of the channel keeps d = x - shift near its spread
-        if x3.shape[0] == 0:
+        if x3.numel() == 0:
             shift = x3.new_zeros(x3.shape[2] if channels_last else x3.shape[1])
         else:
             shift = x3[0, 0, :] if channels_last else x3[0, :, 0]

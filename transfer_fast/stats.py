@@ -8,6 +8,7 @@ and a small spread (mean 1e3, std 1) accurate to float64 rounding.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,27 @@ class ChannelStats:
         denom = self.class_count.unsqueeze(1) - (1 if unbiased else 0)
         return torch.where(denom > 0, self.class_m2 / denom.clamp_min(1), float("nan"))
 
+    @staticmethod
+    def combine(parts: list[ChannelStats]) -> ChannelStats:
+        """Statistics of many parts at once (e.g. the batches of a stream), float64.
+
+        The P-part form of Chan's update: means weighted by counts, then the parts'
+        m2 plus their counts times the squared distance of their means to the merged
+        mean; every term is non-negative, so nothing cancels.
+        """
+        if len(parts) == 1:
+            return parts[0]
+        k = max(p.num_classes for p in parts)
+        device = parts[0].class_mean.device
+        parts = [p.to(device).padded(k) for p in parts]
+        n_p = torch.stack([p.class_count for p in parts]).unsqueeze(2)  # (P, K, 1)
+        mean_p = torch.stack([p.class_mean for p in parts])  # (P, K, C)
+        n = n_p.sum(0)
+        mean = (n_p * mean_p).sum(0) / n.clamp_min(1)
+        spread = mean_p - mean
+        m2 = torch.stack([p.class_m2 for p in parts]).sum(0) + (n_p * spread * spread).sum(0)
+        return ChannelStats(n.squeeze(1), mean, m2)
+
     def padded(self, num_classes: int) -> ChannelStats:
         """The same statistics with empty classes appended up to num_classes."""
         extra = num_classes - self.num_classes
@@ -125,12 +147,14 @@ def check_labels(labels, num_samples: int, num_classes: int | None, what: str = 
 
 
 def channel_stats(x: torch.Tensor, labels=None, num_classes: int | None = None, *,
-                  backend: str = "auto", shift: torch.Tensor | None = None) -> ChannelStats:
+                  channels_first: bool = False, backend: str = "auto",
+                  shift: torch.Tensor | None = None) -> ChannelStats:
     """Per channel (and per class x channel) count, mean, centred sum of squares; one pass.
 
-    x: (N, C, H, W), (N, C, ...), (N, C) or (N, L, C), float32/float16/bfloat16/float64,
-    read in its own layout (channels_last included) without a permuted copy.
-    labels: integers (N,) in [0, num_classes) (num_classes defaults to max + 1).
+    x: (N, C, H, W), (N, C, ...), (N, C) or (N, L, C) (with channels_first: (N, C, L)),
+    float32/float16/bfloat16/float64, read in its own layout (channels_last included)
+    without a permuted copy. labels: integers (N,) in [0, num_classes) (num_classes
+    defaults to max + 1).
     """
     if x.dim() < 2:
         raise TransferFastError(f"activations of shape {tuple(x.shape)}: expected (N, C), "
@@ -140,7 +164,8 @@ def channel_stats(x: torch.Tensor, labels=None, num_classes: int | None = None, 
         labels, k = check_labels(labels, x.shape[0], num_classes)
     elif num_classes not in (None, 1):
         raise TransferFastError(f"num_classes={num_classes} needs labels")
-    count, mean, m2 = ops.channel_stats(x, labels, k, shift=shift, backend=backend)
+    count, mean, m2 = ops.channel_stats(x, labels, k, shift=shift, channels_first=channels_first,
+                                        backend=backend)
     return ChannelStats(count, mean, m2)
 
 
@@ -158,8 +183,8 @@ class CovarianceStats:
         return cls(0.0, z, torch.zeros(channels, channels, dtype=torch.float64, device=device))
 
     def add_batch(self, x: torch.Tensor) -> CovarianceStats:
-        """Accumulates a batch (N, C) in place: the batch's gram about its own mean, then
-        Chan's correction, both added into the (C, C) comoment without temporaries."""
+        """Accumulates a batch (N, C) in place: the batch's gram about its own mean plus
+        Chan's correction, added into the (C, C) comoment without (C, C) temporaries."""
         if x.dim() != 2 or x.shape[1] != self.mean.shape[0]:
             raise TransferFastError(f"covariance of {self.mean.shape[0]} features: expected "
                                     f"(N, {self.mean.shape[0]}), got {tuple(x.shape)}")
@@ -168,11 +193,12 @@ class CovarianceStats:
         if n_b == 0:
             return self
         mean_b = x.mean(0)
-        centred = x - mean_b
-        self.comoment.addmm_(centred.T, centred)
         n = self.count + n_b
         delta = mean_b - self.mean
-        self.comoment.addr_(delta, delta, alpha=self.count * n_b / n)
+        # Chan's correction n_a n_b / n (delta delta^T) as one more row of the batch, so the
+        # (C, C) comoment is read and written once per batch, by a single gemm.
+        rows = torch.cat([x - mean_b, delta.unsqueeze(0) * math.sqrt(self.count * n_b / n)])
+        self.comoment.addmm_(rows.T, rows)
         self.mean.add_(delta, alpha=n_b / n)
         self.count = n
         return self
@@ -196,5 +222,5 @@ class CovarianceStats:
         return self.comoment / max(self.count - (1 if unbiased else 0), 1.0)
 
     def gaussian(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, covariance) of the Gaussian fit, for frechet_distance."""
-        return self.mean, self.covariance()
+        """(mean, covariance) of the Gaussian fit, for frechet_distance (copies)."""
+        return self.mean.clone(), self.covariance()

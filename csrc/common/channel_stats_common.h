@@ -1,12 +1,11 @@
-// Argument checks and the finishing step of channel_stats, shared by the CPU
-// kernel and the CUDA glue so that both refuse the same inputs with the same
-// messages and turn their shifted sums into statistics the same way.
+// Argument checks of channel_stats, shared by the CPU kernel and the CUDA glue
+// so that both refuse the same inputs with the same messages.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
-#include <tuple>
+#include <optional>
 
 namespace transfer_fast {
 
@@ -48,21 +47,6 @@ inline StatsDims check_stats_inputs(const at::Tensor& x, const at::Tensor& shift
                 " but no labels were given");
   }
   return {x.size(0), C, x.size(channels_last ? 1 : 2)};
-}
-
-// Sums of d = x - shift per (class, channel) -> (count, mean, centred sum of
-// squares). The shift keeps d near zero, so s2 - s1^2/n loses little to
-// cancellation in float64 even for a large mean and a small spread.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_stats(const at::Tensor& count,
-                                                                   const at::Tensor& s1,
-                                                                   const at::Tensor& s2,
-                                                                   const at::Tensor& shift) {
-  const at::Tensor n = count.unsqueeze(1);
-  const at::Tensor safe_n = n.clamp_min(1);  // empty classes: count 0, mean 0, m2 0
-  const at::Tensor present = n > 0;
-  const at::Tensor mean = at::where(present, shift.unsqueeze(0) + s1 / safe_n, 0.0);
-  const at::Tensor m2 = at::where(present, (s2 - s1 * s1 / safe_n).clamp_min(0.0), 0.0);
-  return {count, mean, m2};
 }
 
 }  // namespace transfer_fast

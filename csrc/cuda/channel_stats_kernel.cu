@@ -82,20 +82,29 @@ __global__ void __launch_bounds__(kThreads) row_sums_channels_last(
   }
 }
 
-// Step 2: thread c adds rows (n, c) for n = 0..N-1 into its class; thread 0
-// also counts the samples per class.
+// Step 2: thread c adds rows (n, c) for n = 0..N-1 into its class.
 __global__ void __launch_bounds__(kThreads) class_sums(
     const double* __restrict__ rows, const int64_t* __restrict__ labels, int64_t N, int64_t C,
-    int64_t S, int64_t K, double* __restrict__ count, double* __restrict__ s1,
-    double* __restrict__ s2) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (c >= C) return;
+    int64_t K, double* __restrict__ s1, double* __restrict__ s2) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; c < C;
+       c += stride) {
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t k = labels ? labels[n] : 0;
+      if (k < 0 || k >= K) continue;
+      s1[k * C + c] += rows[2 * (n * C + c)];
+      s2[k * C + c] += rows[2 * (n * C + c) + 1];
+    }
+  }
+}
+
+// Elements per channel of each class: one thread, in sample order (N is small next
+// to the N * C * S elements of step 1), also when there are no channels.
+__global__ void class_counts(const int64_t* __restrict__ labels, int64_t N, int64_t S,
+                             int64_t K, double* __restrict__ count) {
   for (int64_t n = 0; n < N; ++n) {
     const int64_t k = labels ? labels[n] : 0;
-    if (k < 0 || k >= K) continue;
-    s1[k * C + c] += rows[2 * (n * C + c)];
-    s2[k * C + c] += rows[2 * (n * C + c) + 1];
-    if (c == 0) count[k] += static_cast<double>(S);
+    if (k >= 0 && k < K) count[k] += static_cast<double>(S);
   }
 }
 
@@ -132,7 +141,10 @@ cudaError_t launch_channel_stats(ElementDtype dtype, const void* x, const double
     const cudaError_t err = cudaMemsetAsync(ptr, 0, n * sizeof(double), stream);
     if (err != cudaSuccess) return err;
   }
-  if (samples == 0 || C == 0) return cudaSuccess;
+  if (samples == 0) return cudaSuccess;
+  class_counts<<<1, 1, 0, stream>>>(labels, samples, inner, K, count);
+  if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  if (C == 0) return cudaSuccess;
   cudaError_t err = cudaErrorInvalidValue;  // stays so for a value outside ElementDtype
   switch (dtype) {
     case ElementDtype::kFloat32:
@@ -150,8 +162,8 @@ cudaError_t launch_channel_stats(ElementDtype dtype, const void* x, const double
       break;
   }
   if (err != cudaSuccess) return err;
-  class_sums<<<grid_for(C, kThreads), kThreads, 0, stream>>>(row_sums, labels, samples, C,
-                                                             inner, K, count, s1, s2);
+  class_sums<<<grid_for(C, kThreads), kThreads, 0, stream>>>(row_sums, labels, samples, C, K,
+                                                             s1, s2);
   return cudaGetLastError();
 }
 
