@@ -18,25 +18,21 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import random as pyrandom
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from .checkpoints import load_state
 from .errors import TransferFastError
+from .run_state import atomic_write, rng_state, save_state, set_rng_state, write_json
+from .training_data import Batches, Data, check_labels
 from .trajectory import Trajectory
 
-Data = Dataset | DataLoader | tuple[torch.Tensor, torch.Tensor]
 ModelFn = Callable[[], nn.Module]
 EpochHook = Callable[[dict], None]
 _AMP = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -119,111 +115,6 @@ def replace_head(model: nn.Module, num_classes: int, name: str | None = None) ->
     return name
 
 
-# ---- data --------------------------------------------------------------------------
-
-def _known_labels(data: Dataset) -> torch.Tensor | None:
-    """The labels of a data set where they can be had without loading the inputs."""
-    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
-        return data.tensors[1]
-    if isinstance(data, Subset):
-        inner = _known_labels(data.dataset)
-        return None if inner is None else inner[torch.as_tensor(data.indices)]
-    targets = getattr(data, "targets", None)  # torchvision's convention
-    return torch.as_tensor(targets) if targets is not None else None
-
-
-class _Batches:
-    """(x, y) batches of one data set; `generator` reshuffles the training set each epoch."""
-
-    def __init__(self, data: Data, role: str, *, batch_size: int, shuffle: bool, seed: int,
-                 num_workers: int, device: torch.device):
-        self.role, self.batch_size = role, batch_size
-        self.pair, self.loader, self.labels, self.generator = None, None, None, None
-        if isinstance(data, (tuple, list)):
-            if len(data) != 2 or not all(isinstance(t, torch.Tensor) for t in data) \
-                    or len(data[0]) != len(data[1]):
-                raise TransferFastError(f"{role} data: expected (x, y) tensors of one length")
-            self.pair = (data[0].to(device), data[1].to(device))  # moved once, sliced per step
-            self.labels, self.n = data[1], len(data[0])
-            if shuffle:
-                self.generator = torch.Generator().manual_seed(seed)
-        elif isinstance(data, DataLoader):
-            self.loader, self.generator = data, data.generator
-            self.labels, self.n = _known_labels(data.dataset), len(data.dataset)
-        elif isinstance(data, Dataset):
-            if shuffle:
-                self.generator = torch.Generator().manual_seed(seed)
-            self.loader = DataLoader(data, batch_size, shuffle=shuffle, generator=self.generator,
-                                     num_workers=num_workers, pin_memory=device.type == "cuda")
-            self.labels, self.n = _known_labels(data), len(data)
-        else:
-            raise TransferFastError(f"{role} data: expected a Dataset, a DataLoader or an (x, y) "
-                                    f"pair of tensors, got {type(data).__name__}")
-        if self.n == 0:
-            raise TransferFastError(f"{role} data is empty")
-
-    def __iter__(self):
-        if self.loader is not None:
-            return iter(self.loader)
-        x, y = self.pair
-        if self.generator is None:
-            return zip(x.split(self.batch_size), y.split(self.batch_size))
-        order = torch.randperm(self.n, generator=self.generator).to(x.device)
-        return ((x[i], y[i]) for i in order.split(self.batch_size))
-
-
-def _check_labels(y: torch.Tensor, num_classes: int, role: str) -> None:
-    """Raises TransferFastError unless `y` holds class indices 0..num_classes-1."""
-    if y.is_floating_point() or y.dtype == torch.bool:
-        raise TransferFastError(f"{role} labels must be integer class indices, got {y.dtype}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise TransferFastError(f"{role} labels span {int(y.min())}..{int(y.max())} but the "
-                                f"model has {num_classes} classes")
-
-
-# ---- files ---------------------------------------------------------------------------
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp), fsync, rename over `path`: a kill leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def _save_state(state: dict[str, torch.Tensor], path: Path) -> None:
-    # A copy per tensor: safetensors refuses tied (shared) tensors and strided layouts.
-    cpu = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
-           for k, v in state.items()}
-    _atomic(path, lambda p: save_file(cpu, str(p)))
-
-
-def _rng_state(generator: torch.Generator | None) -> dict:
-    """Every random source a training step may draw from (numpy's key as a tensor:
-    the resume state is loaded with weights_only=True)."""
-    _, keys, *rest = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": pyrandom.getstate(),
-            "numpy": [torch.from_numpy(keys.astype(np.int64)), *rest],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "data": generator.get_state() if generator is not None else None}
-
-
-def _set_rng_state(state: dict, generator: torch.Generator | None) -> None:
-    torch.set_rng_state(state["torch"])
-    pyrandom.setstate(state["python"])
-    keys, *rest = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), *rest))
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if generator is not None:
-        generator.set_state(state["data"])
-
-
 # ---- the run -----------------------------------------------------------------------
 
 class _Run:
@@ -239,11 +130,11 @@ class _Run:
         self.channels_last = opts.channels_last and cuda
         batches = dict(batch_size=opts.batch_size, seed=opts.seed, num_workers=num_workers,
                        device=self.device)
-        self.train_set = _Batches(train, "training", shuffle=True, **batches)
-        self.val_set = _Batches(val, "validation", shuffle=False, **batches)
+        self.train_set = Batches(train, "training", shuffle=True, **batches)
+        self.val_set = Batches(val, "validation", shuffle=False, **batches)
         for b in (self.train_set, self.val_set):
             if b.labels is not None:
-                _check_labels(b.labels, num_classes, b.role)
+                check_labels(b.labels, num_classes, b.role)
         # Unknown labels (a generic Dataset) are checked batch by batch in the first epoch.
         self.unchecked = [b for b in (self.train_set, self.val_set) if b.labels is None]
         self.model = model.to(self.device, memory_format=torch.channels_last) \
@@ -266,7 +157,7 @@ class _Run:
                                     f"({exc.strerror})") from exc
         path = self.out / f"config-{self.kind}.json"
         if not path.exists():
-            _write_json(path, self.config)
+            write_json(path, self.config)
             return
         try:
             old = json.loads(path.read_text())
@@ -302,7 +193,7 @@ class _Run:
         total, steps = torch.zeros((), device=self.device), 0
         for x, y in self.train_set:
             if check:
-                _check_labels(y, self.num_classes, "training")
+                check_labels(y, self.num_classes, "training")
             x, y = self._inputs(x, y)
             with self._autocast():
                 loss = nn.functional.cross_entropy(self.model(x), y)
@@ -325,7 +216,7 @@ class _Run:
         correct, seen = torch.zeros((), dtype=torch.int64, device=self.device), 0
         for x, y in self.val_set:
             if check:
-                _check_labels(y, self.num_classes, "validation")
+                check_labels(y, self.num_classes, "validation")
             x, y = self._inputs(x, y)
             with self._autocast():
                 correct += (self.model(x).argmax(1) == y).sum()
@@ -378,9 +269,9 @@ class _Run:
         state = {**s, "model": self.model.state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else {},
-                 "rng": _rng_state(self.train_set.generator),
+                 "rng": rng_state(self.train_set.generator),
                  "trajectory": trajectory.records() if trajectory is not None else None}
-        _atomic(self.resume_path, lambda p: torch.save(state, p))
+        atomic_write(self.resume_path, lambda p: torch.save(state, p))
 
     def _restore(self, opt, sched, scaler, trajectory) -> dict:
         try:
@@ -393,7 +284,7 @@ class _Run:
         sched.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"], self.train_set.generator)
+        set_rng_state(state["rng"], self.train_set.generator)
         if trajectory is not None:
             trajectory.restore(state["trajectory"])
         self.unchecked = []  # the first epoch, which checked them, is done
@@ -406,7 +297,7 @@ class _Run:
         """Writes θ (when done), the trajectory, then the sidecar that marks the run ended."""
         checkpoint = f"{self.name}.safetensors" if status == "done" else None
         if checkpoint:
-            _save_state(s["best"], self.out / checkpoint)
+            save_state(s["best"], self.out / checkpoint)
         if trajectory is not None:
             trajectory.save(self.out / "trajectory.json")
             trajectory.plot(self.out / "trajectory.png",
@@ -423,7 +314,7 @@ class _Run:
             "device": str(self.device), "amp": self.opts.amp if self.amp else None,
             "torch": torch.__version__,
             "trajectory": "trajectory.json" if trajectory is not None else None}
-        _write_json(self.out / f"{self.name}.json", sidecar)
+        write_json(self.out / f"{self.name}.json", sidecar)
         self.resume_path.unlink(missing_ok=True)
         return _result(self.out, sidecar)
 
@@ -468,8 +359,8 @@ def pretrain(model_fn: ModelFn, train: Data, val: Data, *, out: str | Path, epoc
     if (done := run.finished()) is not None:
         return done
     if not run.resuming:
-        _save_state(model.state_dict(), run.out / _RANDOM)
-        _write_json(run.out / "random.json", {
+        save_state(model.state_dict(), run.out / _RANDOM)
+        write_json(run.out / "random.json", {
             "kind": "random", "config": run.config, "seed": seed,
             "classes": linear.out_features, "N": run.train_set.n,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
