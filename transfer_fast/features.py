@@ -119,8 +119,9 @@ class FeatureStats:
         """
         pending, self._pending = self._pending, []
         features, self._pending_features = self._pending_features, None
-        if pending:
-            bad = torch.stack([~torch.isfinite(p.class_m2).all() for _, p in pending]).tolist()
+        if pending and not torch.isfinite(torch.cat([p.class_m2.flatten()
+                                                     for _, p in pending])).all():
+            bad = [not torch.isfinite(p.class_m2).all() for _, p in pending]
             if any(bad):
                 names = [name for (name, _), b in zip(pending, bad) if b]
                 raise TransferFastError(f"activations with NaN or Inf at the input of "
