@@ -43,6 +43,8 @@ class FeatureStats:
     `layers`: {module name: ChannelStats} (per class when labels are given);
     `penultimate`: the module whose input is the penultimate features (or None);
     `covariance`: CovarianceStats of those features; `samples`: samples seen.
+    Hooks record only inside update(); a module that runs several times in one forward
+    pass (a shared block) adds each of its inputs.
     """
 
     def __init__(self, model: nn.Module | None = None, modules: Sequence[str] | None = None, *,
@@ -104,9 +106,10 @@ class FeatureStats:
             self._pending_features = feats
 
     def _add(self, name: str, x: torch.Tensor, channels_first: bool) -> None:
-        if x.shape[0] != self._batch_size:
-            raise TransferFastError(f"module {name!r} got {x.shape[0]} samples from a batch of "
-                                    f"{self._batch_size}: statistics need one row per sample")
+        if self._labels is not None and x.shape[0] != self._batch_size:
+            raise TransferFastError(f"module {name!r} got {x.shape[0]} rows from a batch of "
+                                    f"{self._batch_size} samples: class statistics need one "
+                                    "row per labelled sample")
         k = self.num_classes if self._labels is not None else 1
         count, mean, m2 = ops.channel_stats(x, self._labels, k, shift=self._shift.get(name),
                                             channels_first=channels_first, backend=self.backend)
