@@ -17,16 +17,6 @@ from . import ops
 from .errors import TransferFastError
 
 
-def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Merged (count, mean, m2) of two parts; n broadcasts against mean (empty parts are fine)."""
-    n = n_a + n_b
-    w_b = torch.where(n > 0, n_b / n.clamp_min(1), 0.0)
-    delta = mean_b - mean_a
-    mean = mean_a + delta * w_b
-    m2 = m2_a + m2_b + delta * delta * (n_a * w_b)
-    return n, mean, m2
-
-
 @dataclass
 class ChannelStats:
     """Per class and channel moments of activations; one class when no labels were given.
@@ -115,11 +105,7 @@ class ChannelStats:
         if other.channels != self.channels:
             raise TransferFastError(f"cannot merge statistics of {self.channels} and "
                                     f"{other.channels} channels")
-        k = max(self.num_classes, other.num_classes)
-        a, b = self.padded(k), other.to(self.class_mean.device).padded(k)
-        n, mean, m2 = _chan(a.class_count.unsqueeze(1), a.class_mean, a.class_m2,
-                            b.class_count.unsqueeze(1), b.class_mean, b.class_m2)
-        return ChannelStats(n.squeeze(1), mean, m2)
+        return ChannelStats.combine([self, other])
 
     def to(self, device) -> ChannelStats:
         return ChannelStats(self.class_count.to(device), self.class_mean.to(device),
