@@ -177,6 +177,8 @@ def test_npz_channel_conversion(tmp_path):
     ({"x": np.full((5, 1, 2, 2), np.nan, np.float32), "y": LABELS}, "NaN or Inf"),
     ({"x": np.full((5, 1, 2, 2), np.inf), "y": LABELS}, "NaN or Inf"),
     ({"x": NCHW, "y": LABELS, "classes": np.array(["a", "b"])}, "2 names"),
+    ({"x": np.zeros((5, 8, 8, 4), np.uint8), "y": LABELS}, "4 channels.*alpha"),
+    ({"x": np.zeros((5, 2, 8, 8), np.uint8), "y": LABELS}, "2 channels, expected 1 or 3"),
 ])
 def test_npz_errors(tmp_path, arrays, message):
     path = save_npz(tmp_path, **arrays)

@@ -336,8 +336,8 @@ def test_finetune_without_random_init_for_the_trajectory(tmp_path):
     (out / "random.safetensors").unlink()
     with pytest.raises(TransferFastError, match="trajectory=False"):
         finetune(Net, res.checkpoint, *TASK_B, num_classes=5, out=tmp_path / "b", **FAST)
-    done = finetune(Net, res.checkpoint, *TASK_B, num_classes=5, out=tmp_path / "c",
-                    trajectory=False, **FAST)
+    done = finetune(Net, res.checkpoint, *TASK_B, num_classes=5, out=tmp_path / "b",
+                    trajectory=False, **FAST)  # the advice works in the same folder
     assert done.status == "done" and done.trajectory is None
 
 
@@ -360,3 +360,33 @@ def test_a_diverging_run_is_recorded_as_failed(pretrained, tmp_path, kind):
     assert meta["status"] == "failed" and meta["reason"] == res.reason
     assert not (tmp_path / f"resume-{kind}.pt").exists()
     assert run() == res  # recorded, not run again
+
+
+class OddHead(nn.Module):
+    """A head named 'out' and another Linear after it: no name the planner knows."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 32), nn.ReLU())
+        self.out = nn.Linear(32, num_classes)
+        self.aux = nn.Linear(num_classes, num_classes)
+
+    def forward(self, x):  # aux is not used: only its parameters matter to the plan
+        return self.out(self.body(x.flatten(1)))
+
+
+def test_trajectory_with_a_head_the_planner_does_not_know(tmp_path):
+    pre = pretrain(OddHead, *TASK_A, out=tmp_path / "a", head="out", **FAST)
+    res = finetune(OddHead, pre.checkpoint, *TASK_C, num_classes=3, out=tmp_path / "b",
+                   head="out", **FAST)
+    traj = json.loads(res.trajectory.with_suffix(".json").read_text())
+    assert "out.weight" in traj["excluded"] and len(traj["overall"]) == 3
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda y: y[:, None], r"shape \(\d+, 1\): expected \(N,\)"),
+])
+def test_labels_of_the_wrong_shape(tmp_path, bad, match):
+    x, y = TASK_A[0]
+    with pytest.raises(TransferFastError, match=match):
+        pretrain(Net, (x, bad(y)), TASK_A[1], out=tmp_path, **FAST)

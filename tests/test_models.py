@@ -67,6 +67,9 @@ def user_module(tmp_path, monkeypatch):
         def not_a_model(num_classes):
             return num_classes
 
+        def no_classes():
+            return nn.Linear(2, 2)
+
         WIDTH = 3
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -80,6 +83,7 @@ def test_module_function_form(user_module):
     for arch, message in [(f"{user_module}:missing", "has no function 'missing'"),
                           (f"{user_module}:WIDTH", "has no function 'WIDTH'"),
                           (f"{user_module}:not_a_model", "returned a int"),
+                          (f"{user_module}:no_classes", r"calling no_classes\(num_classes=2\)"),
                           ("no_such_pkg.sub:f", "cannot import 'no_such_pkg.sub'"),
                           (":f", "package.module:function")]:
         with pytest.raises(TransferFastError, match=message):

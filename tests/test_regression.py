@@ -129,6 +129,9 @@ def test_leverage_one_row_has_no_loo_prediction():
     assert math.isnan(model.loo_predictions[4])
     assert all(math.isfinite(v) for i, v in enumerate(model.loo_predictions) if i != 4)
     assert model.predictions[4] == pytest.approx(rows[4]["T"], rel=1e-9)  # fitted exactly
+    y = np.log([r["T"] for i, r in enumerate(rows) if i != 4])  # R² over the rows with one
+    loo = np.log([v for i, v in enumerate(model.loo_predictions) if i != 4])
+    assert model.loo_r2 == pytest.approx(1 - ((y - loo) ** 2).sum() / ((y - y.mean()) ** 2).sum())
 
 
 @pytest.mark.parametrize("labelled", [True, False])

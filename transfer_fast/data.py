@@ -154,7 +154,13 @@ def _nchw(x: np.ndarray, path: Path) -> tuple[np.ndarray, bool]:
     if x.ndim == 3:
         return x[:, None], False
     if x.ndim == 4:
-        return x, x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3)
+        last = x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3)
+        channels = x.shape[-1] if last else x.shape[1]
+        if channels not in (1, 3):
+            hint = " (drop the alpha channel of RGBA images)" if channels == 4 else ""
+            raise TransferFastError(f"{path}: x has shape {x.shape}: {channels} channels, "
+                                    f"expected 1 or 3{hint}")
+        return x, last
     raise TransferFastError(f"{path}: x has shape {x.shape}: expected (N, C, H, W), (N, H, W) "
                             "or (N, H, W, C) with C 1 or 3")
 

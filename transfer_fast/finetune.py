@@ -207,6 +207,9 @@ class _Run:
                 scaler.update()
             total += loss.detach()
             steps += 1
+        if steps == 0:
+            raise TransferFastError("the training data gave no batch (fewer samples than one "
+                                    "batch with drop_last?)")
         return (total / steps).item()
 
     @torch.no_grad()
@@ -221,6 +224,8 @@ class _Run:
             with self._autocast():
                 correct += (self.model(x).argmax(1) == y).sum()
             seen += len(y)  # a loader may drop a last partial batch
+        if seen == 0:
+            raise TransferFastError("the validation data gave no batch")
         return correct.item() / seen
 
     def train(self, trajectory: Trajectory | None, *, resume: bool, progress: bool,
@@ -398,16 +403,16 @@ def finetune(model: ModelFn | nn.Module, pretrained: str | Path, train: Data, va
     extra = {"pretrained": str(Path(pretrained).resolve()),
              "random": str(random_path.resolve()) if trajectory else None,
              "trajectory": {"preset": preset, "metric": metric} if trajectory else None}
+    if trajectory and not random_path.is_file():  # before the run folder is claimed
+        raise TransferFastError(f"{random_path}: θr not found for the trajectory; pass "
+                                "random=<the pre-training's random.safetensors> or "
+                                "trajectory=False")
     run = _Run("finetune", model, train, val, opts, out=out, head=head,
                num_classes=num_classes, device=device, num_workers=num_workers, extra=extra)
     if (done := run.finished()) is not None:
         return done
     traj = None
     if trajectory:
-        if not random_path.is_file():
-            raise TransferFastError(f"{random_path}: θr not found for the trajectory; pass "
-                                    "random=<the pre-training's random.safetensors> or "
-                                    "trajectory=False")
         traj = Trajectory(load_state(random_path), theta_a, run.model.state_dict(),
                           replaced=head_names, preset=preset, metric=metric)
     return run.train(traj, resume=resume, progress=progress, on_epoch=on_epoch)

@@ -162,7 +162,12 @@ def _build_user(arch: str, num_classes: int, in_channels: int) -> nn.Module:
     except (TypeError, ValueError):  # some builtins and C callables have no signature
         accepts = False
     # Only functions that declare in_channels get it, so a plain f(num_classes) works too.
-    model = func(num_classes=num_classes, **({"in_channels": in_channels} if accepts else {}))
+    try:
+        model = func(num_classes=num_classes,
+                     **({"in_channels": in_channels} if accepts else {}))
+    except TypeError as exc:  # a builder without a num_classes parameter, most often
+        raise TransferFastError(f"architecture {arch!r}: calling {func_name}(num_classes="
+                                f"{num_classes}) failed ({exc})") from exc
     if not isinstance(model, nn.Module):
         raise TransferFastError(f"architecture {arch!r}: returned a {type(model).__name__}, "
                                 "expected a torch.nn.Module")

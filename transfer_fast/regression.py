@@ -95,6 +95,15 @@ class TransferabilityModel:
         plt.close(fig)
 
 
+def _loo_r2(y: np.ndarray, loo: np.ndarray) -> float:
+    """R² of the leave-one-out predictions over the rows that have one (NaN if < 2)."""
+    ok = np.isfinite(loo)
+    if ok.sum() < 2:
+        return math.nan
+    total = ((y[ok] - y[ok].mean()) ** 2).sum()
+    return float(1 - ((y[ok] - loo[ok]) ** 2).sum() / total)
+
+
 def _value(row: Mapping, i: int, key: str) -> float:
     if not isinstance(row, Mapping):
         raise TransferFastError(f"row {i}: expected a mapping with keys T, G, D, N, "
@@ -168,7 +177,7 @@ def fit_transferability_model(rows: Sequence[Mapping], *, zscore: bool = True
         coefficients=dict(zip(PREDICTORS, beta[1:].tolist())), intercept=float(beta[0]),
         stderr=dict(zip(("intercept",) + PREDICTORS, np.sqrt(np.diag(cov)).tolist())),
         r2=float(1 - resid @ resid / total),
-        loo_r2=float(1 - np.nansum((y - loo) ** 2) / total),
+        loo_r2=_loo_r2(y, loo),
         predictions=np.exp(fitted).tolist(), loo_predictions=np.exp(loo).tolist(),
         measured=[float(row["T"]) for row in rows], labels=labels,
         zscore=zscore, means=dict(zip(PREDICTORS, mean.tolist())),

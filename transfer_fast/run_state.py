@@ -16,10 +16,13 @@ from safetensors.torch import save_file
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """write(tmp), fsync, rename over `path`: a kill leaves the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # a failed write (a full disk) leaves no stray temporary behind
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj: dict) -> None:

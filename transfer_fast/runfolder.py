@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import TransferFastError
+from .run_state import atomic_write
 
 RESULT_COLUMNS = ("group", "d_random", "d_pretrained", "T")
 SUMMARY_COLUMNS = ("overall_T", "status", "error", "seconds")
@@ -130,9 +131,4 @@ def _csv(rows: list[list]) -> str:
 
 def _replace(path: Path, text: str) -> None:
     """Writes `text` to `path` atomically: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))

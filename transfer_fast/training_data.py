@@ -66,6 +66,8 @@ def check_labels(y: torch.Tensor, num_classes: int, role: str) -> None:
     """Raises TransferFastError unless `y` holds class indices 0..num_classes-1."""
     if y.is_floating_point() or y.dtype == torch.bool:
         raise TransferFastError(f"{role} labels must be integer class indices, got {y.dtype}")
+    if y.dim() != 1:
+        raise TransferFastError(f"{role} labels have shape {tuple(y.shape)}: expected (N,)")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise TransferFastError(f"{role} labels span {int(y.min())}..{int(y.max())} but the "
                                 f"model has {num_classes} classes")

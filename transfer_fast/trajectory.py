@@ -10,6 +10,7 @@ distance to θA worth measuring.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import TransferFastError
 from .layers import Plan, make_plan
 from .report import _json_safe
 from .transferability import TransferabilityResult, check_metric, transferability_from_states
@@ -53,8 +55,19 @@ class Trajectory:
                  *, replaced: Sequence[str] = (), preset: str = "auto",
                  metric: str = "l1_mean", backend: str = "auto"):
         check_metric(metric)
-        plan = make_plan([random, pretrained, current], preset, labels=_LABELS)
-        self.plan = without(plan, replaced, "classifier replaced for fine-tuning")
+        reason = "classifier replaced for fine-tuning"
+        try:
+            plan = without(make_plan([random, pretrained, current], preset, labels=_LABELS),
+                           replaced, reason)
+        except TransferFastError:
+            # A head the plan cannot name, with another class count than θA's, reads as a
+            # shape clash: plan without the new head's tensors instead.
+            drop = set(replaced)
+            plan = make_plan([{n: t for n, t in s.items() if n not in drop}
+                              for s in (random, pretrained, current)], preset, labels=_LABELS)
+            plan = dataclasses.replace(plan, excluded={
+                **plan.excluded, **{n: reason for n in replaced}})
+        self.plan = plan
         device = next(iter(current.values())).device
         # Moved once: every record then reads the anchors where the model lives.
         self._anchors = [{n: s[n].to(device) for n in self.plan.names}
