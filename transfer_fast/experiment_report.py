@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import TransferFastError
 from .regression import fit_transferability_model
-from .report import _json_safe, _pyplot, plain_log_axes
+from .report import json_safe, plain_log_axes, pyplot
 
 
 def _mean(values) -> float:
@@ -47,7 +47,7 @@ def _ok(runs):
 
 
 def _figures(result, fig_dir: Path) -> dict[str, Path]:
-    plt = _pyplot()
+    plt = pyplot()
     runs, tasks = _ok(result.runs), list(result.tasks)
     amounts = sorted({r["N"] for r in runs})
     body = [g for g in result.groups if g != result.classifier]
@@ -294,5 +294,5 @@ def write_report(result, cfg: dict, *, html: bool = False) -> None:
     summary = {"runs": [{k: v for k, v in r.items() if k not in ("checkpoint", "trajectory")}
                         for r in result.runs],
                "tasks": result.tasks, "model": fitted.to_dict() if fitted else None}
-    (result.out / "results.json").write_text(json.dumps(_json_safe(summary), indent=1,
+    (result.out / "results.json").write_text(json.dumps(json_safe(summary), indent=1,
                                                         default=str) + "\n")

@@ -69,13 +69,13 @@ class BNGapResult:
 
     def plot(self, path: str | Path, title: str | None = None) -> None:
         """Bars of the gap per BN layer in network order, the mean as a dashed line (PNG)."""
-        from .report import _label_axis, _pyplot
+        from .report import label_axis, pyplot
 
-        plt = _pyplot()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(self.layers) + 2), 3.6))
         ax.bar(range(len(self.values)), self.values, color="tab:blue")
         ax.axhline(self.mean, ls="--", color="tab:red", label=f"mean {self.mean:.3g}")
-        _label_axis(ax, "x", self.layers)
+        label_axis(ax, "x", self.layers)
         ax.set_ylabel(f"BN-statistics gap ({self.metric})")
         ax.set_title(title or f"Domain gap per BatchNorm layer ({self.samples} samples)")
         ax.legend()

@@ -21,7 +21,7 @@ from .features import FeatureStats, batchnorm_layers
 from .frechet import frechet_distance
 from .gap import bn_gap, data_amount, intraclass_variance
 from .models import infer_in_channels, load_model
-from .report import _json_safe
+from .report import json_safe
 
 
 def _device(name: str | None) -> torch.device:
@@ -86,7 +86,7 @@ def run_gap(model_path, arch: str, data_path, *, out="runs/gap", metric: str = "
             print(f"warning: {w.message}")
         result["G_frechet"] = fd.distance
         result["frechet"] = fd.to_dict()
-    (out / "gap.json").write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+    (out / "gap.json").write_text(json.dumps(json_safe(result), indent=2) + "\n")
     _print_summary(result, out)
     return result
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import TransferFastError
-from .report import plain_log_axes
+from .report import plain_log_axes, pyplot
 
 PREDICTORS = ("G", "D", "logN")
 MIN_ROWS = 5  # more rows than the 4 parameters, else no degrees of freedom for the errors
@@ -66,11 +66,7 @@ class TransferabilityModel:
 
     def plot(self, path: str | Path, title: str | None = None) -> None:
         """PNG: predicted (in-sample and leave-one-out) vs measured T, log-log, identity line."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(5.5, 5.0), layout="constrained")
         ax.scatter(self.measured, self.predictions, marker="o", color="tab:blue",
                    label=f"in-sample, R² = {self.r2:.2f}")

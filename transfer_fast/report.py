@@ -10,14 +10,14 @@ from pathlib import Path
 from .transferability import TransferabilityResult
 
 
-def _json_safe(x):
+def json_safe(x):
     """Strict JSON has no inf/nan: they are written as the strings "inf", "-inf", "nan"."""
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
 
 
@@ -37,7 +37,7 @@ def format_table(result: TransferabilityResult) -> str:
 
 
 def write_json(result: TransferabilityResult, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(_json_safe(result.to_dict()), indent=2) + "\n")
+    Path(path).write_text(json.dumps(json_safe(result.to_dict()), indent=2) + "\n")
 
 
 def write_csv(result: TransferabilityResult, path: str | Path) -> None:
@@ -52,10 +52,7 @@ def write_csv(result: TransferabilityResult, path: str | Path) -> None:
 
 def plot(result: TransferabilityResult, path: str | Path, title: str | None = None) -> None:
     """T per group in network order, the overall as a dashed line (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = len(result.groups)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * n + 2), 4.0), layout="constrained")
@@ -78,7 +75,7 @@ def plot(result: TransferabilityResult, path: str | Path, title: str | None = No
 _MAX_TICKS = 40  # more labels than this on one axis overlap: every n-th is shown instead
 
 
-def _pyplot():
+def pyplot():
     """pyplot on the Agg backend: files only, no display needed."""
     import matplotlib
 
@@ -100,7 +97,7 @@ def plain_log_axes(*axes) -> None:
                 axis.set_minor_formatter(NullFormatter())
 
 
-def _label_axis(ax, axis: str, labels: list[str], max_ticks: int = _MAX_TICKS) -> None:
+def label_axis(ax, axis: str, labels: list[str], max_ticks: int = _MAX_TICKS) -> None:
     """Tick labels on 'x' (long ones rotated) or 'y', smaller and thinned out as they grow."""
     ticks = list(range(0, len(labels), math.ceil(len(labels) / max_ticks)))
     # Figures grow with the counts (up to a cap), so a label's room shrinks only slowly.
@@ -128,7 +125,7 @@ def plot_heatmap(labels: list[str], groups: list[str], values: list[list[float]]
     """Checkpoints x groups heatmap of T (values: one row per label, one column per group)."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     _check_table(labels, groups, values)
     data = np.ma.masked_invalid(np.asarray(values, dtype=np.float64))  # NaN/inf -> grey
     rows, cols = data.shape
@@ -136,8 +133,8 @@ def plot_heatmap(labels: list[str], groups: list[str], values: list[list[float]]
                            layout="constrained")
     image = ax.imshow(data, aspect="auto", interpolation="nearest",
                       cmap=plt.get_cmap("viridis").with_extremes(bad="0.75"))
-    _label_axis(ax, "x", groups)
-    _label_axis(ax, "y", labels)
+    label_axis(ax, "x", groups)
+    label_axis(ax, "y", labels)
     ax.set_xlabel("layer group (network order)")
     ax.set_ylabel("checkpoint")
     note = "\n(grey: NaN or inf)" if data.mask.any() else ""
@@ -154,7 +151,7 @@ def plot_heatmap(labels: list[str], groups: list[str], values: list[list[float]]
 def plot_group_curves(labels: list[str], groups: list[str], values: list[list[float]],
                       path: str | Path, max_curves: int = 12, title: str | None = None) -> None:
     """T per group in network order, one line for each of the first `max_curves` checkpoints."""
-    plt = _pyplot()
+    plt = pyplot()
     _check_table(labels, groups, values)
     shown = min(len(labels), max_curves)
     colors = plt.get_cmap("tab10" if shown <= 10 else "tab20").colors
@@ -168,7 +165,7 @@ def plot_group_curves(labels: list[str], groups: list[str], values: list[list[fl
         ax.plot(range(len(groups)), row, marker="o", ms=3, lw=1.2, color=colors[k % len(colors)],
                 label=labels[k])
     ax.axhline(1.0, color="0.3", lw=0.8, ls=":", label="T = 1 (no benefit)")
-    _label_axis(ax, "x", groups)
+    label_axis(ax, "x", groups)
     ax.set_ylabel("T = D(r,B) / D(A,B)" + ("   (gaps: NaN or inf)" if gaps else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -194,7 +191,7 @@ def plot_similarity(labels: list[str], cosine: list[list[float]], l2: list[list[
     import numpy as np
     from matplotlib.colors import Normalize
 
-    plt = _pyplot()
+    plt = pyplot()
     k = len(labels)
     side = min(max(3.0, 0.2 * k + 1.5), 10.0)
     fig, axes = plt.subplots(1, 2, figsize=(2 * side + 2.5, side + 1.0), layout="constrained")
@@ -213,8 +210,8 @@ def plot_similarity(labels: list[str], cosine: list[list[float]], l2: list[list[
         bar = fig.colorbar(image, ax=ax, shrink=0.8, extend=extend)
         if extend == "max":
             bar.set_label("diagonal = 1, beyond the scale")
-        _label_axis(ax, "x", labels, max_ticks=60)
-        _label_axis(ax, "y", labels, max_ticks=60)
+        label_axis(ax, "x", labels, max_ticks=60)
+        label_axis(ax, "y", labels, max_ticks=60)
         ax.set_title(name)
         if k <= 8:
             _annotate(ax, image, data, fmt)

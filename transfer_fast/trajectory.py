@@ -20,7 +20,7 @@ import torch
 
 from .errors import TransferFastError
 from .layers import Plan, make_plan
-from .report import _json_safe
+from .report import json_safe, pyplot
 from .transferability import TransferabilityResult, check_metric, transferability_from_states
 
 _LABELS = ["random (θr)", "pretrained (θA)", "fine-tuning model"]
@@ -103,15 +103,13 @@ class Trajectory:
                 "excluded": dict(self.plan.excluded)}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(_json_safe(self.to_dict()), indent=2) + "\n")
+        Path(path).write_text(json.dumps(json_safe(self.to_dict()), indent=2) + "\n")
 
     def plot(self, path: str | Path, title: str | None = None) -> None:
         """T per group against the epoch, coloured by depth; the overall mean thick, black."""
-        import matplotlib
+        from matplotlib.ticker import MaxNLocator
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         groups = self.plan.groups
         fig, ax = plt.subplots(figsize=(7.0, 4.5), layout="constrained")
         cmap = plt.get_cmap("viridis")
@@ -126,7 +124,7 @@ class Trajectory:
             bar.ax.set_yticklabels([groups[0], groups[-1]])
             bar.set_label("group, by depth")
         ax.legend(loc="best", fontsize=7, ncol=2)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("fine-tuning epoch")
         ax.set_ylabel(f"T = D(r,B) / D(A,B)   [{self.metric}]")
         ax.set_title(title or "Transferability during fine-tuning")

@@ -19,15 +19,20 @@
 namespace transfer_fast {
 namespace {
 
+// Channels per parallel_for chunk: enough elements that a thread's share is worth
+// starting, and at least `floor` channels (vector width, for the contiguous case).
+int64_t channel_grain(const StatsDims& d, int64_t floor) {
+  return std::max<int64_t>(floor, at::internal::GRAIN_SIZE /
+                                      std::max<int64_t>(1, d.samples * d.inner));
+}
+
 // (N, C, S): each (sample, channel) row of S elements is contiguous and
 // reduced with vector lanes before it is added to its class.
 template <typename scalar_t>
 void sums_channels_first(const scalar_t* x, const double* shift, const int64_t* labels,
                          const StatsDims& d, double* s1, double* s2) {
   const int64_t C = d.channels, S = d.inner;
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(
-                                                 1, d.samples * S));
-  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, channel_grain(d, 1), [&](int64_t c0, int64_t c1) {
     for (int64_t n = 0; n < d.samples; ++n) {
       const int64_t k = labels ? labels[n] : 0;
       for (int64_t c = c0; c < c1; ++c) {
@@ -53,9 +58,7 @@ template <typename scalar_t>
 void sums_channels_last(const scalar_t* x, const double* shift, const int64_t* labels,
                         const StatsDims& d, double* s1, double* s2) {
   const int64_t C = d.channels, S = d.inner;
-  const int64_t grain = std::max<int64_t>(8, at::internal::GRAIN_SIZE / std::max<int64_t>(
-                                                 1, d.samples * S));
-  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, channel_grain(d, 8), [&](int64_t c0, int64_t c1) {
     for (int64_t n = 0; n < d.samples; ++n) {
       double* a = s1 + (labels ? labels[n] : 0) * C;
       double* b = s2 + (labels ? labels[n] : 0) * C;
