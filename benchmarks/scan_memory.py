@@ -85,7 +85,7 @@ def max_memory_for(batch: str) -> int | None:
     """`max_memory` that makes the scan choose K = batch (scan.py: budget // 2 MB)."""
     if batch == "default":
         return None
-    from transfer_fast.scan import SEGMENT_ELEMS
+    from transfer_fast.pipelines.scan import SEGMENT_ELEMS
 
     return int(batch) * SEGMENT_ELEMS * 4
 

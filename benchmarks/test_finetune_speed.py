@@ -46,10 +46,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from transfer_fast.experiment_data import digits_split
-from transfer_fast.finetune import finetune, pretrain
-from transfer_fast.models import TinyResNet
-from transfer_fast.trajectory import Trajectory
+from transfer_fast.pipelines.experiment_data import digits_split
+from transfer_fast.train.finetune import finetune, pretrain
+from transfer_fast.train.models import TinyResNet
+from transfer_fast.train.trajectory import Trajectory
 
 from .conftest import measure
 

@@ -23,7 +23,7 @@ import scipy.linalg
 import torch
 from scipy.linalg import blas
 
-from transfer_fast.frechet import frechet_distance
+from transfer_fast.measure.frechet import frechet_distance
 
 D, SAMPLES, LATENT = 2048, 4096, 256
 BASELINES = ("scipy_sqrtm", "eigvals")

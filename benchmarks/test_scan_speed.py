@@ -51,7 +51,7 @@ from safetensors.torch import load_file, save_file
 
 import transfer_fast
 from transfer_fast import transferability
-from transfer_fast.scan import MAX_BATCH, SEGMENT_ELEMS, default_memory_budget
+from transfer_fast.pipelines.scan import MAX_BATCH, SEGMENT_ELEMS, default_memory_budget
 from transfer_fast.testing import random_state, resnet_shapes, triple
 
 NUM_FINETUNED = 32

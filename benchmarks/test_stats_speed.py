@@ -62,7 +62,7 @@ def test_channel_stats(benchmark, activations, device, kind, entry):
 
 
 def make_resnet_batch():
-    from transfer_fast.models import build_model
+    from transfer_fast.train.models import build_model
 
     torch.manual_seed(0)
     model = build_model("resnet50", 1000).eval()

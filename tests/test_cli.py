@@ -105,7 +105,7 @@ def test_demo_runs_the_experiment_and_writes_the_report(tmp_path):
 
 def test_demo_prints_a_config_that_experiment_accepts(tmp_path):
     proc = run("demo", "--print-config", check_rc=0)
-    from transfer_fast.experiment_config import parse_config, tomllib
+    from transfer_fast.pipelines.experiment_config import parse_config, tomllib
 
     cfg = parse_config(tomllib.loads(proc.stdout))
     assert len(cfg["task"]) == 5 and cfg["experiment"]["data_amounts"] == [50, 100, 200, 400]

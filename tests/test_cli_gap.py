@@ -10,7 +10,7 @@ from torch import nn
 
 import transfer_fast as tf
 from transfer_fast.cli import main
-from transfer_fast.models import build_model
+from transfer_fast.train.models import build_model
 
 
 @pytest.fixture(scope="module")

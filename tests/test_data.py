@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from transfer_fast.data import LoadedData, batches, load_dataset
 from transfer_fast.errors import TransferFastError
+from transfer_fast.io.datasets import LoadedData, batches, load_dataset
 
 
 def normalised(pixels: np.ndarray) -> np.ndarray:

@@ -7,8 +7,8 @@ import pytest
 
 import transfer_fast as tf
 from transfer_fast.cli import main
-from transfer_fast.experiment import run_experiment
-from transfer_fast.experiment_config import load_config, parse_config
+from transfer_fast.pipelines.experiment import run_experiment
+from transfer_fast.pipelines.experiment_config import load_config, parse_config
 
 
 def small_config(**experiment):
@@ -136,8 +136,8 @@ def fake_result(t_of, groups_t, tasks=("a", "b", "c"), amounts=(50, 400)):
 
 
 def test_findings_say_whether_each_claim_holds():
-    from transfer_fast.experiment_report import _findings
-    from transfer_fast.regression import fit_transferability_model
+    from transfer_fast.measure.regression import fit_transferability_model
+    from transfer_fast.report.experiment import _findings
 
     def findings(result):
         fitted = fit_transferability_model(result.runs)

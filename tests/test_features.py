@@ -165,7 +165,7 @@ def test_all_reduce_across_two_gloo_ranks(tmp_path):
 
 
 def test_periodic_consolidation_gives_the_same_statistics(monkeypatch):
-    import transfer_fast.features as features
+    import transfer_fast.measure.features as features
 
     net = model()
     x, y = data(50)

@@ -18,8 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from transfer_fast import TransferFastError, transferability
-from transfer_fast.experiment_data import digits_split
-from transfer_fast.finetune import find_head, finetune, pretrain, replace_head
+from transfer_fast.pipelines.experiment_data import digits_split
+from transfer_fast.train.finetune import find_head, finetune, pretrain, replace_head
 
 FAST = dict(epochs=3, batch_size=64, progress=False)
 DELAY = 0.0  # seconds per sample in SlowDigits; the killed subprocess sets it

@@ -9,7 +9,7 @@ import scipy.linalg
 import torch
 
 from transfer_fast.errors import TransferFastError
-from transfer_fast.frechet import FrechetResult, frechet_distance
+from transfer_fast.measure.frechet import FrechetResult, frechet_distance
 
 
 def sample_gaussian(d: int, n: int, seed: int, shift: float = 0.1):

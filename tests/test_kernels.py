@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import backend_of
 
-from transfer_fast import ops, reference
+from transfer_fast import ops
+from transfer_fast.ops import reference
 
 CHUNK = 1 << 16  # kChunkElems in csrc/common/distance_sums.h
 # Sizes around vector widths, the CPU block (1024) and the chunk edge, and empty.

@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from transfer_fast.errors import TransferFastError
-from transfer_fast.models import ARCHITECTURES, build_model, load_model
 from transfer_fast.testing import random_state, resnet_shapes
+from transfer_fast.train.models import ARCHITECTURES, build_model, load_model
 
 
 def shapes_of(model: nn.Module) -> list[tuple[str, tuple]]:
@@ -152,7 +152,7 @@ def test_load_model_mismatches_name_checkpoint_and_tensors(tmp_path):
 
 def test_inference_prefers_the_least_nested_head_and_stem():
     """An SE block's 'fc' sorts after the real head in a safetensors file."""
-    from transfer_fast.models import infer_in_channels, infer_num_classes
+    from transfer_fast.train.models import infer_in_channels, infer_num_classes
 
     state = {"fc.weight": torch.ones(9, 4), "layer4.0.se.fc.weight": torch.ones(2, 4),
              "layer1.0.conv1.weight": torch.ones(4, 8, 3, 3), "stem.weight": torch.ones(4, 1, 3, 3)}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from transfer_fast.errors import TransferFastError
-from transfer_fast.regression import TransferabilityModel, fit_transferability_model
+from transfer_fast.measure.regression import TransferabilityModel, fit_transferability_model
 
 # PAPER.md section 2, ResNet-50: (data set, G, D, N, T).
 PAPER_RESNET50 = [

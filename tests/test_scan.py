@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from transfer_fast import TransferFastError, testing, transferability
-from transfer_fast.scan import scan
+from transfer_fast.pipelines.scan import scan
 
 COUNT = 8
 
@@ -168,7 +168,7 @@ def test_segments_split_and_pack_tensors_without_changing_the_numbers(ckpts, tmp
                                                                       monkeypatch):
     import importlib
 
-    scan_module = importlib.import_module("transfer_fast.scan")  # the package exports scan()
+    scan_module = importlib.import_module("transfer_fast.pipelines.scan")
     r, a, paths = ckpts
     monkeypatch.setattr(scan_module, "SEGMENT_ELEMS", 1009)  # odd: pieces of many tensors
     res = scan(paths[:2], random=r, pretrained=a, out=tmp_path / "run", progress=False)

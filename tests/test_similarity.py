@@ -7,8 +7,9 @@ import pytest
 import torch
 from conftest import backend_of
 
-from transfer_fast import TransferFastError, report, testing
-from transfer_fast.similarity import similarity
+from transfer_fast import TransferFastError, testing
+from transfer_fast.measure.similarity import similarity
+from transfer_fast.report import plots as report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")

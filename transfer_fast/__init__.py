@@ -4,20 +4,16 @@ T = D(θr, θB) / D(θA, θB) per layer (Chen et al., "Rethinking Two Consensuse
 the Transferability in Deep Learning"), from one fused pass over the parameters.
 """
 
-from .checkpoints import load_state
 from .errors import TransferFastError
-from .experiment import ExperimentResult, run_experiment
-from .features import FeatureStats
-from .finetune import TrainResult, finetune, pretrain
-from .frechet import FrechetResult, frechet_distance
-from .gap import BNGapResult, IntraclassVariance, bn_gap, data_amount, intraclass_variance
-from .layers import PRESETS, Plan, make_plan
-from .ops import BACKENDS, backend_status, multi_tensor_distance
-from .regression import TransferabilityModel, fit_transferability_model
-from .scan import ScanResult, scan
-from .similarity import SimilarityResult, similarity
-from .stats import ChannelStats, CovarianceStats, channel_stats
-from .transferability import (
+from .io.checkpoints import load_state
+from .measure.features import FeatureStats
+from .measure.frechet import FrechetResult, frechet_distance
+from .measure.gap import BNGapResult, IntraclassVariance, bn_gap, data_amount, intraclass_variance
+from .measure.plan import PRESETS, Plan, make_plan
+from .measure.regression import TransferabilityModel, fit_transferability_model
+from .measure.similarity import SimilarityResult, similarity
+from .measure.stats import ChannelStats, CovarianceStats, channel_stats
+from .measure.transferability import (
     METRICS,
     LayerDistances,
     TransferabilityResult,
@@ -25,6 +21,10 @@ from .transferability import (
     transferability,
     transferability_from_states,
 )
+from .ops.dispatch import BACKENDS, backend_status, multi_tensor_distance
+from .pipelines.experiment import ExperimentResult, run_experiment
+from .pipelines.scan import ScanResult, scan
+from .train.finetune import TrainResult, finetune, pretrain
 
 __version__ = "0.1.0"
 

@@ -10,8 +10,8 @@ from .errors import TransferFastError
 
 
 def _cmd_measure(args) -> int:
-    from . import report
-    from .transferability import transferability
+    from .measure.transferability import transferability
+    from .report import plots as report
 
     result = transferability(args.random, args.pretrained, args.finetuned, preset=args.preset,
                              metric=args.metric, backend=args.backend)
@@ -29,7 +29,7 @@ def _cmd_measure(args) -> int:
 
 
 def _cmd_scan(args) -> int:
-    from .scan import scan
+    from .pipelines.scan import scan
 
     if bool(args.manifest) == bool(args.finetuned):
         raise TransferFastError("give fine-tuned checkpoints either as paths or as --manifest")
@@ -44,7 +44,7 @@ def _cmd_scan(args) -> int:
 
 
 def _cmd_gap(args) -> int:
-    from .gap_run import run_gap
+    from .pipelines.gap_run import run_gap
 
     run_gap(args.model, args.arch, args.data, out=args.out, metric=args.metric,
             batch_size=args.batch_size, image_size=args.image_size,
@@ -54,7 +54,7 @@ def _cmd_gap(args) -> int:
 
 
 def _cmd_experiment(args) -> int:
-    from .experiment import run_experiment
+    from .pipelines.experiment import run_experiment
 
     return _report_outcome(run_experiment(args.config, args.out, html=args.html,
                                           progress=not args.no_progress))
@@ -83,7 +83,8 @@ def _bytes(text: str) -> int:
 def _cmd_info(args) -> int:
     import torch
 
-    from . import __version__, _ext, ops
+    from . import __version__, ops
+    from .ops import _library as _ext
 
     build = _ext.build_info()
     print(f"transfer_fast {__version__}")
@@ -102,11 +103,11 @@ def _cmd_info(args) -> int:
 
 def _cmd_demo(args) -> int:
     if args.print_config:
-        from .experiment_config import DEMO_CONFIG
+        from .pipelines.experiment_config import DEMO_CONFIG
 
         print(DEMO_CONFIG, end="")
         return 0
-    from .demo import run_demo
+    from .pipelines.demo import run_demo
 
     return _report_outcome(run_demo(args.out, epochs=args.epochs, html=args.html,
                                     progress=not args.no_progress))
@@ -119,9 +120,9 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .layers import PRESETS
-    from .ops import BACKENDS
-    from .transferability import METRICS
+    from .measure.plan import PRESETS
+    from .measure.transferability import METRICS
+    from .ops.dispatch import BACKENDS
 
     parser = argparse.ArgumentParser(
         prog="transfer-fast",

@@ -1,0 +1,1 @@
+"""Reading and writing files: checkpoints, streamed tensor ranges, data sets, atomic outputs."""

@@ -1,0 +1,234 @@
+"""Downstream data sets for the domain gap: an image folder or an .npz, as one tensor.
+
+Both become normalised float32 images (N, C, H, W) and int64 labels (N,), with
+the paper's preprocessing (PAPER.md section 4): pixels in [0, 1], then
+(x - 0.5) / 0.225 per channel.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..errors import TransferFastError, first_few
+
+MEAN, STD = 0.5, 0.225
+DEFAULT_IMAGE_SIZE = 224  # the paper's input size for folders of images
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# Pillow's "L" conversion (ITU-R 601-2 luma), so npz and folder data turn grey alike.
+_LUMA = (0.299, 0.587, 0.114)
+_CHUNK = 256  # images converted at a time: bounds the float temporaries of an .npz
+
+
+@dataclass
+class LoadedData:
+    """x: float32 (N, C, H, W), normalised; y: int64 (N,) indices into `classes`.
+
+    `skipped` lists (file relative to the folder, reason) for unreadable images;
+    `source` is the path read.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def load_dataset(path: str | Path, *, image_size: int | None = None,
+                 channels: int | None = None) -> LoadedData:
+    """Read `root/<class>/<image>` folders or an .npz with arrays `x` and `y`.
+
+    Folders: class index = position in the sorted subfolder names (torchvision's
+    ImageFolder; hidden folders are left out), images converted to RGB (L when
+    channels == 1) and resized to image_size x image_size (default 224, bilinear).
+    Unreadable images are skipped, listed in `skipped` and summarised in a warning.
+
+    .npz: x as (N, C, H, W), (N, H, W) or (N, H, W, C) with C 1 or 3; y integer
+    (N,); an optional string array `classes` names the labels. uint8 x is scaled
+    and normalised like images; float x is taken as already preprocessed, as is.
+    image_size, if given, resizes (bilinear, antialiased); channels, if given,
+    turns 1 channel into 3 (repeat) or 3 into 1 (luma).
+
+    Raises TransferFastError naming the file for anything that cannot be used.
+    """
+    path = Path(path)
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or image_size < 1):
+        raise TransferFastError(f"image_size must be a positive integer, got {image_size!r}")
+    if channels not in (None, 1, 3):
+        raise TransferFastError(f"channels must be 1 or 3, got {channels!r}")
+    if not path.exists():
+        raise TransferFastError(f"{path}: not found")
+    if path.is_dir():
+        return _load_folder(path, image_size or DEFAULT_IMAGE_SIZE, channels)
+    if path.suffix.lower() == ".npz":
+        return _load_npz(path, image_size, channels)
+    raise TransferFastError(f"{path}: expected a folder of class subfolders or an .npz file")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under folder, sorted; hidden ones (macOS '._x.jpg' forks) left out."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _load_folder(root: Path, size: int, channels: int | None) -> LoadedData:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        loose = _image_files(root)
+        hint = (f"; it holds {len(loose)} images directly: put them in one subfolder per class"
+                if loose else "")
+        raise TransferFastError(f"{root}: no class subfolders (expected {root}/<class>/<image>)"
+                                + hint)
+    files = [(f, label) for label, name in enumerate(classes) for f in _image_files(root / name)]
+    if not files:
+        raise TransferFastError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its "
+                                f"class subfolders {first_few(classes)}")
+    mode, c = ("L", 1) if channels == 1 else ("RGB", 3)
+    # One allocation up front; unreadable files leave unused rows at the end.
+    x = torch.empty((len(files), c, size, size), dtype=torch.float32)
+    y = torch.empty(len(files), dtype=torch.int64)
+    skipped: list[tuple[str, str]] = []
+    n = 0
+    for file, label in tqdm(files, desc=f"reading {root.name}", unit="img", leave=False,
+                            disable=None):
+        try:
+            with Image.open(file) as img:
+                img = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+                pixels = np.array(img, dtype=np.uint8)  # a writable copy, as torch wants
+        # Pillow reports broken files as any of these; DecompressionBombError is
+        # not an OSError, and a bomb is as unusable as a corrupt file.
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            # Pillow repeats the full path, which the entry already names.
+            reason = str(exc).replace(f" '{file}'", "") or type(exc).__name__
+            skipped.append((file.relative_to(root).as_posix(), reason))
+            continue
+        x[n] = torch.from_numpy(pixels.reshape(size, size, c)).permute(2, 0, 1)
+        y[n] = label
+        n += 1
+    if skipped:
+        summary = first_few([f"{f} ({why})" for f, why in skipped], 3)
+        if n == 0:
+            raise TransferFastError(f"{root}: none of the {len(files)} image files could be "
+                                    f"read: {summary}")
+        warnings.warn(f"{root}: skipped {len(skipped)} of {len(files)} files: {summary}",
+                      stacklevel=3)
+    counts = torch.bincount(y[:n], minlength=len(classes))
+    empty = [name for name, count in zip(classes, counts.tolist()) if count == 0]
+    if empty:
+        warnings.warn(f"{root}: classes without images: {first_few(empty)}", stacklevel=3)
+    x = x[:n].div_(255.0).sub_(MEAN).div_(STD)
+    return LoadedData(x, y[:n], classes, skipped, str(root))
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of the file; pickled (object) arrays are refused, never run."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise TransferFastError(f"{path}: unreadable .npz ({type(exc).__name__}: {exc})") from exc
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise TransferFastError(f"{path}: no array {first_few(missing)} (it holds "
+                                f"{first_few(arrays) or 'nothing'}); expected x and y")
+    return arrays
+
+
+def _nchw(x: np.ndarray, path: Path) -> tuple[np.ndarray, bool]:
+    """A 4-D view of x and whether it is channels-last (N, H, W, C)."""
+    if x.ndim == 3:
+        return x[:, None], False
+    if x.ndim == 4:
+        last = x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3)
+        channels = x.shape[-1] if last else x.shape[1]
+        if channels not in (1, 3):
+            hint = " (drop the alpha channel of RGBA images)" if channels == 4 else ""
+            raise TransferFastError(f"{path}: x has shape {x.shape}: {channels} channels, "
+                                    f"expected 1 or 3{hint}")
+        return x, last
+    raise TransferFastError(f"{path}: x has shape {x.shape}: expected (N, C, H, W), (N, H, W) "
+                            "or (N, H, W, C) with C 1 or 3")
+
+
+def _check_npz(path: Path, x: np.ndarray, y: np.ndarray, names: np.ndarray | None) -> None:
+    problem = None
+    if len(x) == 0:
+        problem = "x holds no images"
+    elif x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
+        problem = (f"x has dtype {x.dtype}: expected uint8 images (0-255) or float images "
+                   "already normalised")
+    elif not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
+        problem = f"y has dtype {y.dtype} and shape {y.shape}: expected integer labels (N,)"
+    elif len(y) != len(x):
+        problem = f"y has {len(y)} labels for {len(x)} images in x"
+    elif y.min() < 0:
+        problem = f"y has negative labels (smallest {y.min()}): expected 0, 1, ..."
+    elif names is not None and (names.ndim != 1 or len(names) <= y.max()):
+        problem = f"classes has {names.size} names but the labels in y go up to {y.max()}"
+    if problem:
+        raise TransferFastError(f"{path}: {problem}")
+
+
+def _load_npz(path: Path, size: int | None, channels: int | None) -> LoadedData:
+    arrays = _read_npz(path)
+    names = arrays.get("classes")
+    x, channels_last = _nchw(arrays["x"], path)
+    y = arrays["y"]
+    _check_npz(path, x, y, names)
+    c, h, w = (x.shape[3], *x.shape[1:3]) if channels_last else x.shape[1:]
+    out_hw = (size, size) if size else (h, w)
+    out = torch.empty((len(x), c, *out_hw), dtype=torch.float32)
+    for start in range(0, len(x), _CHUNK):
+        chunk = torch.from_numpy(np.ascontiguousarray(x[start:start + _CHUNK])).float()
+        if channels_last:
+            chunk = chunk.permute(0, 3, 1, 2)
+        if not torch.isfinite(chunk).all():
+            raise TransferFastError(f"{path}: x holds NaN or Inf values")
+        if x.dtype == np.uint8:
+            chunk = chunk.div_(255.0).sub_(MEAN).div_(STD)
+        if size:
+            chunk = F.interpolate(chunk, size=out_hw, mode="bilinear", align_corners=False,
+                                  antialias=True)
+        out[start:start + len(chunk)] = chunk
+    if channels is not None and channels != c:
+        out = _match_channels(out, channels, path)
+    classes = ([str(n) for n in names] if names is not None
+               else [str(i) for i in range(int(y.max()) + 1)])
+    return LoadedData(out, torch.from_numpy(y.astype(np.int64)), classes, [], str(path))
+
+
+def _match_channels(x: torch.Tensor, channels: int, path: Path) -> torch.Tensor:
+    """(N, 1 or 3, H, W) -> (N, channels, H, W) by repeating, or by luma.
+
+    Repeating, and the luma weights summing to 1, make converting after the
+    normalisation equal to converting the pixels before it, as folders do.
+    """
+    if x.shape[1] == 1 and channels == 3:
+        return x.expand(-1, 3, -1, -1).contiguous()
+    if x.shape[1] == 3 and channels == 1:
+        return torch.einsum("nchw,c->nhw", x, torch.tensor(_LUMA))[:, None].contiguous()
+    raise TransferFastError(f"{path}: x has {x.shape[1]} channels, cannot make {channels}")
+
+
+def batches(data: LoadedData, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x (B, C, H, W), y (B,)) views in order; the last batch may be smaller."""
+    # Checked here, not inside a generator, so a bad size fails at the call.
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise TransferFastError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return ((data.x[i:i + batch_size], data.y[i:i + batch_size])
+            for i in range(0, len(data), batch_size))

@@ -1,0 +1,175 @@
+"""Domain gap and diversity of a downstream data set as seen by a pre-trained network.
+
+- bn_gap: per BatchNorm layer, the distance between the diagonal Gaussian of the
+  layer's running statistics (what pre-training saw) and that of the downstream
+  activations at the layer's input; needs no pre-training data (PAPER.md, section 2).
+- intraclass_variance: mean within-class variance of the penultimate features,
+  normalised by their total variance; data_amount: the number of samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import TransferFastError
+from .features import FeatureStats, batchnorm_layers
+from .stats import ChannelStats
+
+GAP_METRICS = ("w2", "skl")
+
+
+def _w2(mu_a, var_a, mu_b, var_b) -> torch.Tensor:
+    """Per channel squared 2-Wasserstein distance between 1-D Gaussians."""
+    return (mu_a - mu_b) ** 2 + (var_a.sqrt() - var_b.sqrt()) ** 2
+
+
+def _skl(mu_a, var_a, mu_b, var_b) -> torch.Tensor:
+    """Per channel symmetric KL divergence KL(a||b) + KL(b||a) between 1-D Gaussians."""
+    return ((var_a - var_b) ** 2 + (mu_a - mu_b) ** 2 * (var_a + var_b)) / (2 * var_a * var_b)
+
+
+@dataclass
+class BNGapResult:
+    """Per BatchNorm layer gap, in network order, and their mean (the data set's G).
+
+    w2: sqrt of the channel-mean squared 2-Wasserstein distance (same units as the
+    activations); skl: channel-mean symmetric KL divergence.
+    """
+
+    metric: str
+    layers: list[str]
+    values: list[float]
+    channels: list[int]
+    samples: int
+    mean: float = field(init=False)
+
+    def __post_init__(self):
+        self.mean = sum(self.values) / len(self.values) if self.values else math.nan
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def format_table(self) -> str:
+        width = max([len("layer"), *map(len, self.layers)])
+        lines = [f"{'layer':<{width}}  {'channels':>8}  {'gap (' + self.metric + ')':>12}"]
+        lines += [f"{n:<{width}}  {c:>8}  {v:>12.5g}"
+                  for n, c, v in zip(self.layers, self.channels, self.values)]
+        lines.append(f"{'mean':<{width}}  {'':>8}  {self.mean:>12.5g}")
+        return "\n".join(lines)
+
+    def write_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def plot(self, path: str | Path, title: str | None = None) -> None:
+        """Bars of the gap per BN layer in network order, the mean as a dashed line (PNG)."""
+        from ..report.plots import label_axis, pyplot
+
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(self.layers) + 2), 3.6))
+        ax.bar(range(len(self.values)), self.values, color="tab:blue")
+        ax.axhline(self.mean, ls="--", color="tab:red", label=f"mean {self.mean:.3g}")
+        label_axis(ax, "x", self.layers)
+        ax.set_ylabel(f"BN-statistics gap ({self.metric})")
+        ax.set_title(title or f"Domain gap per BatchNorm layer ({self.samples} samples)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def bn_gap(model: nn.Module, data: Iterable | FeatureStats, *, metric: str = "w2",
+           backend: str = "auto", progress: bool = True) -> BNGapResult:
+    """Gap between each BN layer's running statistics and the data's activations there.
+
+    data: batches x or (x, y) (a DataLoader, a list), or FeatureStats already
+    accumulated on this model. Variances get the layer's eps, as in the forward pass.
+    """
+    if metric not in GAP_METRICS:
+        raise ValueError(f"metric must be one of {GAP_METRICS}, got {metric!r}")
+    names = batchnorm_layers(model)
+    if not names:
+        raise TransferFastError(
+            f"{type(model).__name__} has no BatchNorm layer with running statistics, so "
+            "bn_gap cannot be measured; use frechet_distance on the penultimate features "
+            "instead (FeatureStats on a pre-training sample and on the downstream data)")
+    if isinstance(data, FeatureStats):
+        stats = data
+    else:
+        with FeatureStats(model, names, penultimate=False, backend=backend) as stats:
+            stats.accumulate(data, labels=False, progress=progress, desc="BN statistics")
+    missing = [n for n in names if n not in stats.layers]
+    if missing:
+        raise TransferFastError(f"no activations reached BatchNorm layer {missing[0]!r}")
+    modules = dict(model.named_modules())
+    distance = _w2 if metric == "w2" else _skl
+    values, channels = [], []
+    for name in names:
+        bn, seen = modules[name], stats.layers[name]
+        mu_a = bn.running_mean.detach().to(torch.float64).cpu()
+        var_a = bn.running_var.detach().to(torch.float64).cpu() + bn.eps
+        if seen.channels != mu_a.numel():
+            raise TransferFastError(f"BatchNorm layer {name!r} has {mu_a.numel()} channels but "
+                                    f"its statistics have {seen.channels}")
+        mu_b, var_b = seen.mean.cpu(), seen.variance(unbiased=True).cpu() + bn.eps
+        per_channel = distance(mu_a, var_a, mu_b, var_b)
+        value = per_channel.mean()
+        values.append(float(value.sqrt() if metric == "w2" else value))
+        channels.append(mu_a.numel())
+    return BNGapResult(metric, names, values, channels, stats.samples)
+
+
+@dataclass
+class IntraclassVariance:
+    """D: the mean over classes of the trace of the class covariance, over the total trace.
+
+    normalised: D as used in the regression; raw: the unnormalised mean class trace;
+    domain_width: the trace of the total covariance; per_class: trace per class.
+    """
+
+    normalised: float
+    raw: float
+    domain_width: float
+    num_classes: int
+    per_class: list[float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def intraclass_variance(stats: ChannelStats | FeatureStats) -> IntraclassVariance:
+    """Within-class diversity of (penultimate) features with per-class statistics.
+
+    Classes with fewer than two samples have no variance and are left out of the mean.
+    """
+    if isinstance(stats, FeatureStats):
+        stats = stats.features
+    if stats.num_classes < 2:
+        raise TransferFastError("intraclass variance needs per-class statistics: accumulate "
+                                "with labels (at least two classes)")
+    per_class = stats.class_variance().sum(1)
+    seen = stats.class_count > 1
+    if not bool(seen.any()):
+        raise TransferFastError("intraclass variance: no class has two samples or more")
+    raw = float(per_class[seen].mean())
+    width = float(stats.variance().sum())
+    if width <= 0:
+        raise TransferFastError("intraclass variance: the features have zero total variance")
+    return IntraclassVariance(raw / width, raw, width, int(seen.sum()),
+                              [float(v) for v in per_class])
+
+
+def data_amount(data) -> int:
+    """N: the number of training samples (of FeatureStats, a Dataset or anything with len)."""
+    if isinstance(data, FeatureStats):
+        return data.samples
+    try:
+        return len(data)
+    except TypeError as exc:
+        raise TransferFastError(f"cannot count the samples of a {type(data).__name__}") from exc

@@ -1,0 +1,148 @@
+"""How alike are the fine-tuning updates θB_i - θA of K checkpoints: K x K cosine and L2."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..errors import TransferFastError, first_few
+from ..io.checkpoints import StateSource, load_state
+from .plan import make_plan
+
+NETWORK = "network"  # the last group: every compared tensor at once
+
+
+@dataclass
+class SimilarityResult:
+    """Cosine similarity and L2 distance between the updates of K checkpoints, per group.
+
+    cosine, l2: float64 (G + 1, K, K) on the CPU, indexed [group, i, j] with the groups
+    of `groups` (the plan's G groups in network order, then "network"). cosine is NaN
+    where update i or j is all zeros in that group.
+    """
+
+    labels: list[str]
+    groups: list[str]
+    cosine: torch.Tensor
+    l2: torch.Tensor
+    excluded: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"labels": list(self.labels), "groups": list(self.groups),
+                "cosine": self.cosine.tolist(), "l2": self.l2.tolist(),
+                "excluded": dict(self.excluded), "warnings": list(self.warnings)}
+
+    def write_csv(self, path: str | Path) -> None:
+        """Long format: one row per (group, i, j) with columns group, a, b, cosine, l2."""
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["group", "a", "b", "cosine", "l2"])
+            for g, group in enumerate(self.groups):
+                cosine, l2 = self.cosine[g].tolist(), self.l2[g].tolist()
+                for i, a in enumerate(self.labels):
+                    for j, b in enumerate(self.labels):
+                        w.writerow([group, a, b, repr(cosine[i][j]), repr(l2[i][j])])
+
+    def plot(self, path: str | Path, group: str = NETWORK, title: str | None = None) -> None:
+        """PNG: the cosine and the L2 matrix of one group (the whole network by default)."""
+        from ..report.plots import plot_similarity
+
+        if group not in self.groups:
+            raise TransferFastError(f"unknown group {group!r}: expected one of "
+                                    f"{first_few(self.groups)}")
+        g = self.groups.index(group)
+        plot_similarity(self.labels, self.cosine[g].tolist(), self.l2[g].tolist(), path,
+                        title=title or f"Fine-tuning updates, {group}")
+
+
+def default_labels(sources: Sequence[StateSource]) -> list[str]:
+    """File stems for paths, else the position; whole paths where stems repeat."""
+    stems = [Path(s).stem if isinstance(s, (str, Path)) else str(i)
+             for i, s in enumerate(sources)]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [str(s) if isinstance(s, (str, Path)) else str(i) for i, s in enumerate(sources)]
+
+
+def _update(finetuned: torch.Tensor, pretrained: torch.Tensor,
+            device: torch.device) -> torch.Tensor:
+    """θB - θA in float32 at least: in half precision the small update would be mostly
+    rounding error of the (much larger) weights."""
+    dtype = torch.promote_types(torch.promote_types(finetuned.dtype, pretrained.dtype),
+                                torch.float32)
+    return finetuned.to(device, dtype) - pretrained.to(device, dtype)
+
+
+def similarity(checkpoints: Sequence[StateSource], reference: StateSource, *,
+               preset: str = "auto", backend: str = "auto",
+               labels: Sequence[str] | None = None) -> SimilarityResult:
+    """K x K cosine similarity and L2 distance between the updates θB_i - θA, per group.
+
+    checkpoints: K >= 2 fine-tuned sets θB_i; reference: the pre-trained set θA (paths,
+    modules or mappings, as `load_state`). The tensors and groups come from `make_plan`
+    (a classifier whose shape differs is left out, listed in `excluded`); "network" sums
+    over every compared tensor. All K*K pairs come from one fused pass on the device of
+    the first checkpoint. The K updates are materialised there (K copies of the compared
+    tensors, float32 at least), so memory grows with K.
+    Raises TransferFastError for fewer than 2 checkpoints, sets that do not line up, or a
+    NaN/Inf update; an all-zero update (a frozen group) gives NaN cosines, in `warnings`.
+    """
+    if isinstance(checkpoints, (str, Path, Mapping, nn.Module)):
+        raise TransferFastError("checkpoints must be a list of checkpoints, got a single "
+                                f"{type(checkpoints).__name__}")
+    checkpoints = list(checkpoints)
+    if len(checkpoints) < 2:
+        raise TransferFastError(f"similarity needs at least 2 checkpoints to compare, got "
+                                f"{len(checkpoints)}")
+    labels = [str(x) for x in labels] if labels is not None else default_labels(checkpoints)
+    if len(labels) != len(checkpoints):
+        raise TransferFastError(f"{len(labels)} labels for {len(checkpoints)} checkpoints")
+    ref = load_state(reference)
+    states = [load_state(c) for c in checkpoints]
+    ref_label = f"reference ({reference})" if isinstance(reference, (str, Path)) else "reference"
+    set_labels = [ref_label, *(f"checkpoint {x}" for x in labels)]
+    plan = make_plan([ref, *states], preset, labels=set_labels)
+    device = states[0][plan.names[0]].device
+    base = [ref[n].to(device) for n in plan.names]
+    updates = [[_update(s[n], a, device) for n, a in zip(plan.names, base)] for s in states]
+    sums = ops.multi_tensor_distance(updates, updates, backend=backend)  # (K, K, T, 5)
+
+    bad = (~torch.isfinite(sums[:, 0, :, 3])).nonzero().tolist()  # per (checkpoint, tensor)
+    if bad:
+        found = [f"{plan.names[t]} in checkpoint {labels[k]}" for k, t in bad]
+        raise TransferFastError(f"NaN, Inf or overflow in the update (checkpoint - reference) "
+                                f"of {len(found)} tensor(s): {first_few(found, 3)}")
+
+    index = torch.tensor(plan.group_index, device=sums.device)
+    per_group = sums.new_zeros(*sums.shape[:2], len(plan.groups), 5).index_add_(2, index, sums)
+    s = torch.cat([per_group, sums.sum(2, keepdim=True)], 2).permute(2, 0, 1, 3).cpu()
+    # (i, j) and (j, i) are reduced separately, in orders that may differ in the last
+    # bits: averaging the two makes the matrices exactly symmetric.
+    sq_diff = (s[..., 1] + s[..., 1].mT) / 2  # (G + 1, K, K)
+    dot = (s[..., 2] + s[..., 2].mT) / 2
+    norm_sq = s[:, :, 0, 3]  # (G + 1, K): each update's squared norm
+    # Rounding can push |cos| of (nearly) parallel updates just past 1.
+    cosine = (dot / (norm_sq[:, :, None] * norm_sq[:, None, :]).sqrt()).clamp(-1.0, 1.0)
+
+    groups = [*plan.groups, NETWORK]
+    notes = []
+    for k, label in enumerate(labels):
+        zero = [g for g, n in zip(groups, norm_sq[:, k].tolist()) if n == 0]
+        if NETWORK in zero:
+            notes.append(f"checkpoint {label}: identical to the reference (zero update), "
+                         "cosine undefined (NaN) in every group")
+        elif zero:
+            notes.append(f"checkpoint {label}: zero update in {len(zero)} group(s), cosine "
+                         f"undefined (NaN) there: {first_few(zero, 3)}")
+    for note in notes:
+        warnings.warn(note, RuntimeWarning, stacklevel=2)
+    return SimilarityResult(labels=labels, groups=groups, cosine=cosine, l2=sq_diff.sqrt(),
+                            excluded=dict(plan.excluded), warnings=notes)

@@ -1,0 +1,190 @@
+"""Layer-wise distances and the paper's transferability T = D(θr, θB) / D(θA, θB)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import ops
+from ..errors import TransferFastError, first_few
+from ..io.checkpoints import StateSource, load_state
+from .plan import Plan, check_sets_agree, make_plan
+
+
+def _metric_l1_mean(s, n):
+    return s[..., 0] / n
+
+
+def _metric_l2(s, n):
+    return s[..., 1].sqrt()
+
+
+def _metric_rms(s, n):
+    return (s[..., 1] / n).sqrt()
+
+
+def _metric_rel_l2(s, n):
+    return s[..., 1].sqrt() / s[..., 4].sqrt()  # relative to the target's (θB's) norm
+
+
+def _metric_cosine(s, n):
+    return 1.0 - s[..., 2] / (s[..., 3] * s[..., 4]).sqrt()
+
+
+# Each metric from the fused sums (..., 5) and the element count; float64 in, float64 out.
+METRICS = {
+    "l1_mean": _metric_l1_mean,  # mean |a - b|: the authors' distance
+    "l2": _metric_l2,            # ||a - b||
+    "rms": _metric_rms,          # ||a - b|| / sqrt(numel)
+    "rel_l2": _metric_rel_l2,    # ||a - b|| / ||b||, b the fine-tuned (target) tensor
+    "cosine": _metric_cosine,    # 1 - cos(a, b)
+}
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise TransferFastError(f"unknown metric {metric!r}: expected one of {tuple(METRICS)}")
+
+
+def _check_finite(sums: torch.Tensor, sets: list[list[torch.Tensor]], labels: list[str],
+                  names: Sequence[str]) -> list[str]:
+    """Names the tensors holding NaN/Inf. A non-finite value makes its set's sum of
+    squares non-finite, so only those tensors are scanned again. Finite tensors whose
+    squares overflowed float32 (|x| > ~1e19) are returned as warnings."""
+    squares = torch.cat([sums[:, 0, :, 3], sums[0, :, :, 4]])
+    bad = (~torch.isfinite(squares)).nonzero().tolist()
+    found = [f"{names[t]} in {labels[s]}" for s, t in bad
+             if not torch.isfinite(sets[s][t]).all()]
+    if found:
+        raise TransferFastError(f"NaN or Inf in {len(found)} tensor(s): {first_few(found, 3)}")
+    return [f"sum of squares overflowed for {names[t]} in {labels[s]}: l2-type metrics "
+            "are inf there" for s, t in bad]
+
+
+@dataclass
+class LayerDistances:
+    """Per-tensor distances between two parameter sets."""
+
+    names: list[str]
+    values: dict[str, list[float]]  # metric -> one value per name
+    excluded: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def layer_distances(a: StateSource, b: StateSource, *,
+                    metrics: Sequence[str] = ("l1_mean", "l2", "rel_l2", "cosine"),
+                    backend: str = "auto") -> LayerDistances:
+    """Every metric for every learned tensor the two sets share, in one fused pass."""
+    for metric in metrics:
+        check_metric(metric)
+    states = [load_state(a), load_state(b)]
+    plan = make_plan(states, "generic", labels=["first set", "second set"])
+    sets = [[s[n] for n in plan.names] for s in states]
+    sums = ops.multi_tensor_distance([sets[0]], [sets[1]], backend=backend)[0, 0]
+    for note in _check_finite(sums[None, None], sets, ["first set", "second set"], plan.names):
+        warnings.warn(note, RuntimeWarning, stacklevel=2)
+    numel = torch.tensor([t.numel() for t in sets[0]], dtype=torch.float64, device=sums.device)
+    values = {m: METRICS[m](sums, numel).tolist() for m in metrics}
+    return LayerDistances(list(plan.names), values, plan.excluded)
+
+
+@dataclass
+class TransferabilityResult:
+    """T per group in network order, and the overall mean over non-classifier groups."""
+
+    groups: list[str]
+    values: list[float]
+    overall: float
+    d_random: list[float]
+    d_pretrained: list[float]
+    excluded: dict[str, str]
+    classifier: str | None
+    metric: str
+    preset: str
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _label(role: str, src: StateSource) -> str:
+    return f"{role} ({src})" if isinstance(src, (str, Path)) else role
+
+
+def transferability(random: StateSource, pretrained: StateSource, finetuned: StateSource, *,
+                    preset: str = "auto", metric: str = "l1_mean",
+                    backend: str = "auto") -> TransferabilityResult:
+    """T = D(θr, θB) / D(θA, θB) per layer group, from one fused pass over the three sets.
+
+    A group's distance is the mean of its tensors' distances (the authors' script),
+    T is the ratio of the two group distances, and `overall` the plain mean of T
+    over the groups other than the classifier. A zero D(θA, θB) gives T = inf for
+    that group (NaN if D(θr, θB) is zero too), reported in `warnings`.
+    """
+    check_metric(metric)
+    labels = [_label(r, s) for r, s in
+              (("random", random), ("pretrained", pretrained), ("finetuned", finetuned))]
+    states = [load_state(random), load_state(pretrained), load_state(finetuned)]
+    plan = make_plan(states, preset, labels=labels)
+    return transferability_from_states(states, plan, metric=metric, backend=backend,
+                                       labels=labels)
+
+
+def transferability_from_states(states: Sequence[dict[str, torch.Tensor]], plan: Plan, *,
+                                metric: str = "l1_mean", backend: str = "auto",
+                                labels: list[str] | None = None) -> TransferabilityResult:
+    """`transferability` for loaded [θr, θA, θB] and a ready Plan (reused across models)."""
+    labels = labels or ["random", "pretrained", "finetuned"]
+    check_sets_agree(states, plan.names, labels)  # the Plan may come from other files
+    sets = [[s[n] for n in plan.names] for s in states]
+    device = sets[2][0].device  # compare where the fine-tuned set lives
+    sets = [[t.to(device) for t in s] for s in sets]
+    sums = ops.multi_tensor_distance(sets[:2], sets[2:], backend=backend)  # (2, 1, T, 5)
+    notes = _check_finite(sums, sets, labels, plan.names)
+    numel = torch.tensor([t.numel() for t in sets[0]], dtype=torch.float64)
+    return result_from_sums(sums[:, 0].cpu(), plan, numel, metric=metric, notes=notes)
+
+
+def result_from_sums(sums: torch.Tensor, plan: Plan, numel: torch.Tensor, *, metric: str,
+                     notes: list[str] | None = None) -> TransferabilityResult:
+    """T per group from the fused sums of one fine-tuned set: `sums` (2, T, 5) for the
+    anchors (θr, θA) and the plan's T tensors, `numel` (T,) their element counts."""
+    notes = list(notes or [])
+    per_tensor = METRICS[metric](sums.double(), numel.double())  # (2, T)
+    # cosine of a zero tensor (a bias at init) has no value: such tensors leave the
+    # group means instead of turning every group into NaN.
+    defined = torch.isfinite(per_tensor).all(0)
+    excluded = dict(plan.excluded)
+    undefined = [plan.names[t] for t in (~defined).nonzero().flatten().tolist()]
+    for name in undefined:
+        excluded[name] = f"{metric} undefined (zero norm)"
+    if undefined:
+        notes.append(f"{metric} undefined for {len(undefined)} zero-norm tensor(s), left out: "
+                     f"{first_few(undefined, 3)}")
+    index = torch.tensor(plan.group_index)
+    weight = defined.double()
+    count = torch.zeros(len(plan.groups), dtype=torch.float64).index_add_(0, index, weight)
+    group_d = torch.zeros(2, len(plan.groups), dtype=torch.float64).index_add_(
+        1, index, torch.where(defined, per_tensor, 0.0)) / count
+    d_random, d_pretrained = group_d.tolist()
+    values = []
+    for g, num, den in zip(plan.groups, d_random, d_pretrained):
+        values.append(num / den if den != 0 else (math.inf if num > 0 else math.nan))
+        if not math.isfinite(values[-1]):
+            notes.append(f"group {g}: D(random, finetuned) = {num:.6g}, "
+                         f"D(pretrained, finetuned) = {den:.6g}, T = {values[-1]}")
+    body = [v for g, v in zip(plan.groups, values) if g != plan.classifier]
+    overall = sum(body) / len(body) if body else math.nan
+    for note in notes:
+        warnings.warn(note, RuntimeWarning, stacklevel=2)
+    return TransferabilityResult(
+        groups=list(plan.groups), values=values, overall=overall, d_random=d_random,
+        d_pretrained=d_pretrained, excluded=excluded, classifier=plan.classifier,
+        metric=metric, preset=plan.preset, warnings=notes)

@@ -1,0 +1,165 @@
+"""One function per op; the single place that chooses between CUDA, C++ and pure torch."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from . import _fake, _library, reference  # noqa: F401  (_fake registers the fake kernels)
+
+BACKENDS = ("auto", "cuda", "cpu", "torch")
+KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def backend_status() -> dict[str, str]:
+    """'available' or the reason it is not, for each backend other than auto."""
+    status = {}
+    for name, key in _DISPATCH_KEY.items():
+        if _library.has_kernel(key):
+            status[name] = "available"
+        elif not _library.loaded:
+            status[name] = f"unavailable: {_library.reason}"
+        else:
+            status[name] = "unavailable: not built into the compiled library"
+    status["torch"] = "available"
+    return status
+
+
+def _fast_route(tensors: list[torch.Tensor], device: torch.device) -> bool:
+    """Whether the tensors can go to a compiled kernel as they are (one dtype, contiguous)."""
+    dtype = tensors[0].dtype
+    return dtype in KERNEL_DTYPES and all(
+        x.dtype == dtype and x.device == device and x.is_contiguous() for x in tensors)
+
+
+def multi_tensor_distance(
+    anchors: Sequence[Sequence[torch.Tensor]],
+    targets: Sequence[Sequence[torch.Tensor]],
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused sums for every (anchor set, target set, tensor) in one pass over the data.
+
+    anchors: A sets of T tensors (e.g. [θr, θA]); targets: K sets of the same T shapes.
+    Returns float64 (A, K, T, 5): sum|a-b|, sum (a-b)^2, sum a*b, sum a^2, sum b^2.
+    Mixed dtypes and non-contiguous views are copied to a common dtype (exactly) and
+    contiguous memory first; other dtypes (integers, float8) or tensors on several
+    devices are reduced by `reference.py`.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    num_tensors = len(anchors[0]) if anchors else 0
+    for role, sets in (("anchor", anchors), ("target", targets)):
+        for s in sets:
+            if len(s) != num_tensors:
+                raise ValueError(
+                    f"every set needs {num_tensors} tensors, a {role} set has {len(s)}")
+    if backend == "torch" or num_tensors == 0 or not targets:
+        return reference.multi_tensor_distance(anchors, targets)
+
+    device = anchors[0][0].device
+    key = _DISPATCH_KEY.get(device.type)
+    compiled = key is not None and _library.has_kernel(key)
+    if backend != "auto" and (backend != device.type or not compiled):
+        raise RuntimeError(f"backend {backend!r} cannot reduce tensors on {device}: "
+                           f"{backend_status().get(backend, 'unknown backend')}")
+    if not compiled:
+        return reference.multi_tensor_distance(anchors, targets)
+    flat_a = [t for s in anchors for t in s]
+    flat_b = [t for s in targets for t in s]
+    if _fast_route(flat_a + flat_b, device):  # the common case: one call, no regrouping
+        return torch.ops.transfer_fast.multi_tensor_distance(flat_a, flat_b, num_tensors)
+
+    # Slow path, per tensor index: mixed dtypes are promoted (exactly: float16 and
+    # bfloat16 -> float32, float32 -> float64) and views copied contiguous, then
+    # reduced by the kernel; other dtypes or devices go to the pure-torch reference.
+    out = torch.zeros(len(anchors), len(targets), num_tensors, 5, dtype=torch.float64,
+                      device=device)
+    columns: dict[int, list[torch.Tensor]] = {}
+    buckets: dict[torch.dtype, list[int]] = defaultdict(list)
+    slow: list[int] = []
+    for t in range(num_tensors):
+        column = [s[t] for s in anchors] + [s[t] for s in targets]
+        dtype = functools.reduce(torch.promote_types, (x.dtype for x in column))
+        if dtype in KERNEL_DTYPES and all(x.device == device for x in column):
+            columns[t] = [x.to(dtype).contiguous() for x in column]
+            buckets[dtype].append(t)
+        else:
+            slow.append(t)
+    num_anchors, num_targets = len(anchors), len(targets)
+    for idx in buckets.values():
+        flat_a = [columns[t][i] for i in range(num_anchors) for t in idx]
+        flat_b = [columns[t][num_anchors + k] for k in range(num_targets) for t in idx]
+        out[:, :, idx] = torch.ops.transfer_fast.multi_tensor_distance(flat_a, flat_b, len(idx))
+    if slow:
+        pick = lambda sets: [[s[t] for t in slow] for s in sets]  # noqa: E731
+        out[:, :, slow] = reference.multi_tensor_distance(pick(anchors), pick(targets)).to(device)
+    return out
+
+
+def _stats_layout(x: torch.Tensor, channels_first: bool) -> tuple[torch.Tensor, bool]:
+    """x as (N, C, S) or, channels innermost, (N, S, C), without a copy where possible.
+
+    (N, C) features and, unless channels_first, (N, L, C) tokens -> channels last;
+    (N, C, *spatial) (and (N, C, L) when channels_first) contiguous -> (N, C, S); in
+    channels_last memory format -> (N, S, C) as a view.
+    """
+    n, c = x.shape[:2]
+    if x.dim() == 2:
+        return x.contiguous().unsqueeze(1), True
+    if x.dim() == 3 and not channels_first:
+        return x.contiguous(), True
+    spatial = math.prod(x.shape[2:])  # reshape cannot infer -1 from an empty tensor
+    if not x.is_contiguous():
+        nhwc = x.movedim(1, -1)
+        if nhwc.is_contiguous():  # channels_last(_3d): a view, no copy
+            return nhwc.reshape(n, spatial, c), True
+        x = x.contiguous()
+    return x.reshape(n, c, spatial), False
+
+
+def channel_stats(
+    x: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    num_classes: int = 1,
+    *,
+    shift: torch.Tensor | None = None,
+    channels_first: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per (class, channel) count, mean and centred sum of squares in one pass over x.
+
+    x: (N, C), (N, L, C) or (N, C, *spatial); a 3-D x is read as (N, C, L) with
+    channels_first (a BatchNorm1d input), else as (N, L, C). labels: integers (N,) in
+    [0, num_classes) (checked by the caller) or None for one class. shift:
+    float64 (C,) near the channel means (default: the first sample's values);
+    the kernels sum x - shift, which keeps float64 exact for a large mean.
+    Returns float64 count (K,), mean (K, C), m2 (K, C); empty classes are zeros.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if x.dim() < 2:
+        raise ValueError(f"channel_stats expects (N, C), (N, L, C) or (N, C, ...) "
+                         f"activations, got shape {tuple(x.shape)}")
+    x3, channels_last = _stats_layout(x.detach(), channels_first)
+    if labels is not None:
+        labels = labels.to(x.device, torch.long).contiguous()
+    key = _DISPATCH_KEY.get(x.device.type)
+    compiled = key is not None and _library.has_kernel(key, "channel_stats")
+    if backend not in ("auto", "torch") and (backend != x.device.type or not compiled):
+        raise RuntimeError(f"backend {backend!r} cannot reduce tensors on {x.device}: "
+                           f"{backend_status().get(backend, 'unknown backend')}")
+    if backend == "torch" or not compiled or x3.dtype not in KERNEL_DTYPES:
+        return reference.channel_stats(x3, labels, num_classes, channels_last)
+    if shift is None:  # any value of the channel keeps d = x - shift near its spread
+        if x3.numel() == 0:
+            shift = x3.new_zeros(x3.shape[2] if channels_last else x3.shape[1])
+        else:
+            shift = x3[0, 0, :] if channels_last else x3[0, :, 0]
+    shift = shift.to(x.device, torch.float64).contiguous()
+    return torch.ops.transfer_fast.channel_stats(x3, shift, labels, num_classes, channels_last)

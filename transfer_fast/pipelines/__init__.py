@@ -1,0 +1,1 @@
+"""Multi-step workflows that own run folders: scan, gap run, experiment, demo."""

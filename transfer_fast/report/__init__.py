@@ -1,0 +1,1 @@
+"""Presentation only: figures and tables made from measured results."""

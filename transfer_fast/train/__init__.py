@@ -1,0 +1,1 @@
+"""Models, batches, the training loop, its resume state and the T trajectory."""

@@ -1,0 +1,136 @@
+"""T per layer group after every fine-tuning epoch: how the network leaves θA.
+
+One Plan is made before the first epoch; each record is one fused pass over θr,
+θA and the live parameters (`transferability_from_states`), the model not copied.
+θr and θA carry the pre-training head while the fine-tuned model has a new one:
+where the class counts differ the plan leaves the head out by its shape; where
+they agree it is left out by name (`replaced`), since a fresh head has no
+distance to θA worth measuring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import TransferFastError
+from ..measure.plan import Plan, make_plan
+from ..measure.transferability import (
+    TransferabilityResult,
+    check_metric,
+    transferability_from_states,
+)
+from ..report.plots import json_safe, pyplot
+
+_LABELS = ["random (θr)", "pretrained (θA)", "fine-tuning model"]
+
+
+def without(plan: Plan, names: Sequence[str], reason: str) -> Plan:
+    """`plan` with the tensors `names` moved to `excluded`; groups left empty disappear."""
+    drop = set(names) & set(plan.names)
+    if not drop:
+        return plan
+    keep = [i for i, n in enumerate(plan.names) if n not in drop]
+    groups = list(dict.fromkeys(plan.groups[plan.group_index[i]] for i in keep))
+    return Plan(
+        preset=plan.preset,
+        names=tuple(plan.names[i] for i in keep),
+        group_index=tuple(groups.index(plan.groups[plan.group_index[i]]) for i in keep),
+        groups=tuple(groups),
+        classifier=plan.classifier if plan.classifier in groups else None,
+        excluded={**plan.excluded, **{n: reason for n in plan.names if n in drop}},
+    )
+
+
+class Trajectory:
+    """T of the fine-tuning model against θr and θA, one row per recorded epoch.
+
+    `random`, `pretrained`: θr and θA state dicts; `current`: the model's state
+    (names and shapes fix the plan); `replaced`: tensor names of the new head.
+    """
+
+    def __init__(self, random: Mapping[str, torch.Tensor],
+                 pretrained: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor],
+                 *, replaced: Sequence[str] = (), preset: str = "auto",
+                 metric: str = "l1_mean", backend: str = "auto"):
+        check_metric(metric)
+        reason = "classifier replaced for fine-tuning"
+        try:
+            plan = without(make_plan([random, pretrained, current], preset, labels=_LABELS),
+                           replaced, reason)
+        except TransferFastError:
+            # A head the plan cannot name, with another class count than θA's, reads as a
+            # shape clash: plan without the new head's tensors instead.
+            drop = set(replaced)
+            plan = make_plan([{n: t for n, t in s.items() if n not in drop}
+                              for s in (random, pretrained, current)], preset, labels=_LABELS)
+            plan = dataclasses.replace(plan, excluded={
+                **plan.excluded, **{n: reason for n in replaced}})
+        self.plan = plan
+        device = next(iter(current.values())).device
+        # Moved once: every record then reads the anchors where the model lives.
+        self._anchors = [{n: s[n].to(device) for n in self.plan.names}
+                         for s in (random, pretrained)]
+        self.metric, self.backend = metric, backend
+        self.epochs: list[int] = []
+        self.values: list[list[float]] = []  # (epochs, groups)
+        self.overall: list[float] = []
+
+    def record(self, epoch: int, current: Mapping[str, torch.Tensor]) -> TransferabilityResult:
+        """Appends T of `current` (the model after `epoch`) per group and overall."""
+        result = transferability_from_states([*self._anchors, current], self.plan,
+                                             metric=self.metric, backend=self.backend,
+                                             labels=_LABELS)
+        self.epochs.append(epoch)
+        self.values.append(result.values)
+        self.overall.append(result.overall)
+        return result
+
+    def records(self) -> dict:
+        """The rows so far (what a resumed run needs back)."""
+        return {"epochs": list(self.epochs), "T": [list(v) for v in self.values],
+                "overall": list(self.overall)}
+
+    def restore(self, records: Mapping) -> None:
+        self.epochs = list(records["epochs"])
+        self.values = [list(v) for v in records["T"]]
+        self.overall = list(records["overall"])
+
+    def to_dict(self) -> dict:
+        return {"groups": list(self.plan.groups), "metric": self.metric,
+                "preset": self.plan.preset, **self.records(),
+                "excluded": dict(self.plan.excluded)}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(json_safe(self.to_dict()), indent=2) + "\n")
+
+    def plot(self, path: str | Path, title: str | None = None) -> None:
+        """T per group against the epoch, coloured by depth; the overall mean thick, black."""
+        from matplotlib.ticker import MaxNLocator
+
+        plt = pyplot()
+        groups = self.plan.groups
+        fig, ax = plt.subplots(figsize=(7.0, 4.5), layout="constrained")
+        cmap = plt.get_cmap("viridis")
+        for g, name in enumerate(groups):
+            column = [row[g] if math.isfinite(row[g]) else math.nan for row in self.values]
+            ax.plot(self.epochs, column, color=cmap(g / max(1, len(groups) - 1)), lw=1,
+                    label=name if len(groups) <= 12 else None)
+        ax.plot(self.epochs, self.overall, color="black", lw=2.5, label="overall")
+        ax.axhline(1.0, color="0.3", lw=0.8, ls=":")
+        if len(groups) > 12:  # a legend that long hides the plot: a depth colour bar instead
+            bar = fig.colorbar(plt.cm.ScalarMappable(cmap=cmap), ax=ax, ticks=[0, 1])
+            bar.ax.set_yticklabels([groups[0], groups[-1]])
+            bar.set_label("group, by depth")
+        ax.legend(loc="best", fontsize=7, ncol=2)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("fine-tuning epoch")
+        ax.set_ylabel(f"T = D(r,B) / D(A,B)   [{self.metric}]")
+        ax.set_title(title or "Transferability during fine-tuning")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
