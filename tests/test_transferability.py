@@ -133,5 +133,5 @@ def test_forced_fallback_works_without_the_compiled_library():
 
 def test_explicit_backend_that_cannot_run_is_a_clear_error():
     r, a, b = testing.triple(testing.resnet_shapes(18))
-    with pytest.raises(RuntimeError, match="backend 'cuda' cannot reduce tensors on cpu"):
+    with pytest.raises(TransferFastError, match="backend 'cuda' cannot reduce tensors on cpu"):
         transferability(r, a, b, backend="cuda")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import traceback
 
 from .errors import TransferFastError
 
@@ -220,15 +221,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 1 some scan rows failed, 2 bad input or an OS error (one line,
+    naming the file, tensor or value), 3 a bug (traceback), 130 interrupted."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (TransferFastError, RuntimeError, OSError) as exc:
+    except (TransferFastError, OSError) as exc:
         if args.debug:
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"transfer-fast: error: {message}", file=sys.stderr)
+        print(f"transfer-fast: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("transfer-fast: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # not the user's mistake: show everything
+        traceback.print_exc()
+        print("transfer-fast: this is a bug, please report it with the traceback above "
+              "(`transfer-fast info` shows the versions)", file=sys.stderr)
+        return 3
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or text}"
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -92,7 +92,7 @@ def bn_gap(model: nn.Module, data: Iterable | FeatureStats, *, metric: str = "w2
     accumulated on this model. Variances get the layer's eps, as in the forward pass.
     """
     if metric not in GAP_METRICS:
-        raise ValueError(f"metric must be one of {GAP_METRICS}, got {metric!r}")
+        raise TransferFastError(f"metric must be one of {GAP_METRICS}, got {metric!r}")
     names = batchnorm_layers(model)
     if not names:
         raise TransferFastError(

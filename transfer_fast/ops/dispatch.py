@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import TransferFastError
 from . import _fake, _library, reference  # noqa: F401  (_fake registers the fake kernels)
 
 BACKENDS = ("auto", "cuda", "cpu", "torch")
@@ -52,12 +53,12 @@ def multi_tensor_distance(
     devices are reduced by `reference.py`.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise TransferFastError(f"backend must be one of {BACKENDS}, got {backend!r}")
     num_tensors = len(anchors[0]) if anchors else 0
     for role, sets in (("anchor", anchors), ("target", targets)):
         for s in sets:
             if len(s) != num_tensors:
-                raise ValueError(
+                raise TransferFastError(
                     f"every set needs {num_tensors} tensors, a {role} set has {len(s)}")
     if backend == "torch" or num_tensors == 0 or not targets:
         return reference.multi_tensor_distance(anchors, targets)
@@ -66,7 +67,7 @@ def multi_tensor_distance(
     key = _DISPATCH_KEY.get(device.type)
     compiled = key is not None and _library.has_kernel(key)
     if backend != "auto" and (backend != device.type or not compiled):
-        raise RuntimeError(f"backend {backend!r} cannot reduce tensors on {device}: "
+        raise TransferFastError(f"backend {backend!r} cannot reduce tensors on {device}: "
                            f"{backend_status().get(backend, 'unknown backend')}")
     if not compiled:
         return reference.multi_tensor_distance(anchors, targets)
@@ -142,9 +143,9 @@ def channel_stats(
     Returns float64 count (K,), mean (K, C), m2 (K, C); empty classes are zeros.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise TransferFastError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if x.dim() < 2:
-        raise ValueError(f"channel_stats expects (N, C), (N, L, C) or (N, C, ...) "
+        raise TransferFastError(f"channel_stats expects (N, C), (N, L, C) or (N, C, ...) "
                          f"activations, got shape {tuple(x.shape)}")
     x3, channels_last = _stats_layout(x.detach(), channels_first)
     if labels is not None:
@@ -152,7 +153,7 @@ def channel_stats(
     key = _DISPATCH_KEY.get(x.device.type)
     compiled = key is not None and _library.has_kernel(key, "channel_stats")
     if backend not in ("auto", "torch") and (backend != x.device.type or not compiled):
-        raise RuntimeError(f"backend {backend!r} cannot reduce tensors on {x.device}: "
+        raise TransferFastError(f"backend {backend!r} cannot reduce tensors on {x.device}: "
                            f"{backend_status().get(backend, 'unknown backend')}")
     if backend == "torch" or not compiled or x3.dtype not in KERNEL_DTYPES:
         return reference.channel_stats(x3, labels, num_classes, channels_last)

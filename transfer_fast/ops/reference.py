@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import TransferFastError
+
 # Column order of the last dimension, shared with csrc/common/distance_sums.h.
 SUM_NAMES = ("abs_diff", "sq_diff", "dot", "anchor_sq", "target_sq")
 
@@ -32,7 +34,7 @@ def multi_tensor_distance(
             for k, target_set in enumerate(targets):
                 b = target_set[t].detach().reshape(-1).to(device, torch.float64)
                 if a.numel() != b.numel():
-                    raise ValueError(f"tensor {t}: anchor set {i} has shape "
+                    raise TransferFastError(f"tensor {t}: anchor set {i} has shape "
                                      f"{tuple(anchor_set[t].shape)}, target set {k} has "
                                      f"{tuple(target_set[t].shape)}")
                 d = a - b
