@@ -143,7 +143,7 @@ def test_opcheck():
     (torch.tensor([0, 1, 5]), "outside"),
     (torch.tensor([0, -1, 1]), "outside"),
     (torch.tensor([0, 1]), "shape"),
-    (torch.tensor([0.0, 1.0, 1.0]), "integers"),
+    (torch.tensor([0.0, 1.0, 1.0]), "integer class indices"),
 ])
 def test_bad_labels_are_refused(labels, match):
     with pytest.raises(tf.TransferFastError, match=match):

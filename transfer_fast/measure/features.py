@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..errors import TransferFastError, first_few
-from .stats import ChannelStats, CovarianceStats, check_labels
+from ..errors import TransferFastError, check_labels, first_few
+from .stats import ChannelStats, CovarianceStats
 
 FORMAT = "transfer_fast.FeatureStats/1"
 MAX_PARTS = 64  # batches kept per layer before they are merged
@@ -170,8 +170,9 @@ class FeatureStats:
                                     "statistics would be wrong")
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         if labels is not None:
-            labels, k = check_labels(labels, len(batch),
-                                     self.num_classes if self._fixed_classes else None)
+            labels, k = check_labels(
+                labels, num_samples=len(batch),
+                num_classes=self.num_classes if self._fixed_classes else None)
             self.num_classes = max(self.num_classes or 1, k)
             labels = labels.to(device)
         was_training = self.model.training

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ..errors import TransferFastError
+from ..errors import TransferFastError, check_labels
 
 
 @dataclass
@@ -112,26 +112,6 @@ class ChannelStats:
                             self.class_m2.to(device))
 
 
-def check_labels(labels, num_samples: int, num_classes: int | None, what: str = "labels"
-                 ) -> tuple[torch.Tensor, int]:
-    """labels as int64 (N,) and the number of classes; TransferFastError when they do not fit."""
-    labels = torch.as_tensor(labels)
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TransferFastError(f"{what} must be integers, got {labels.dtype}")
-    if labels.shape != (num_samples,):
-        raise TransferFastError(f"{what} of shape {tuple(labels.shape)} do not fit "
-                                f"{num_samples} samples: expected ({num_samples},)")
-    if num_samples == 0:
-        return labels.long(), num_classes or 1
-    low, high = (int(v) for v in torch.aminmax(labels))
-    if num_classes is None:
-        num_classes = high + 1
-    if low < 0 or high >= num_classes:
-        bad = low if low < 0 else high
-        raise TransferFastError(f"{what}: value {bad} is outside [0, num_classes={num_classes})")
-    return labels.long(), num_classes
-
-
 def channel_stats(x: torch.Tensor, labels=None, num_classes: int | None = None, *,
                   channels_first: bool = False, backend: str = "auto",
                   shift: torch.Tensor | None = None) -> ChannelStats:
@@ -147,7 +127,7 @@ def channel_stats(x: torch.Tensor, labels=None, num_classes: int | None = None, 
                                 "(N, L, C) or (N, C, H, W)")
     k = 1
     if labels is not None:
-        labels, k = check_labels(labels, x.shape[0], num_classes)
+        labels, k = check_labels(labels, num_samples=x.shape[0], num_classes=num_classes)
     elif num_classes not in (None, 1):
         raise TransferFastError(f"num_classes={num_classes} needs labels")
     count, mean, m2 = ops.channel_stats(x, labels, k, shift=shift, channels_first=channels_first,

@@ -60,14 +60,3 @@ class Batches:
             return zip(x.split(self.batch_size), y.split(self.batch_size))
         order = torch.randperm(self.n, generator=self.generator).to(x.device)
         return ((x[i], y[i]) for i in order.split(self.batch_size))
-
-
-def check_labels(y: torch.Tensor, num_classes: int, role: str) -> None:
-    """Raises TransferFastError unless `y` holds class indices 0..num_classes-1."""
-    if y.is_floating_point() or y.dtype == torch.bool:
-        raise TransferFastError(f"{role} labels must be integer class indices, got {y.dtype}")
-    if y.dim() != 1:
-        raise TransferFastError(f"{role} labels have shape {tuple(y.shape)}: expected (N,)")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise TransferFastError(f"{role} labels span {int(y.min())}..{int(y.max())} but the "
-                                f"model has {num_classes} classes")

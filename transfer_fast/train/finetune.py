@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import TransferFastError
+from ..errors import TransferFastError, check_labels
 from ..io.checkpoints import load_state
-from .batches import Batches, Data, check_labels
+from .batches import Batches, Data
 from .resume import atomic_write, rng_state, save_state, set_rng_state, write_json
 from .trajectory import Trajectory
 
@@ -134,7 +134,7 @@ class _Run:
         self.val_set = Batches(val, "validation", shuffle=False, **batches)
         for b in (self.train_set, self.val_set):
             if b.labels is not None:
-                check_labels(b.labels, num_classes, b.role)
+                check_labels(b.labels, num_classes=num_classes, what=f"{b.role} labels")
         # Unknown labels (a generic Dataset) are checked batch by batch in the first epoch.
         self.unchecked = [b for b in (self.train_set, self.val_set) if b.labels is None]
         self.model = model.to(self.device, memory_format=torch.channels_last) \
@@ -193,7 +193,7 @@ class _Run:
         total, steps = torch.zeros((), device=self.device), 0
         for x, y in self.train_set:
             if check:
-                check_labels(y, self.num_classes, "training")
+                check_labels(y, num_classes=self.num_classes, what="training labels")
             x, y = self._inputs(x, y)
             with self._autocast():
                 loss = nn.functional.cross_entropy(self.model(x), y)
@@ -219,7 +219,7 @@ class _Run:
         correct, seen = torch.zeros((), dtype=torch.int64, device=self.device), 0
         for x, y in self.val_set:
             if check:
-                check_labels(y, self.num_classes, "validation")
+                check_labels(y, num_classes=self.num_classes, what="validation labels")
             x, y = self._inputs(x, y)
             with self._autocast():
                 correct += (self.model(x).argmax(1) == y).sum()
