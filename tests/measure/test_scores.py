@@ -153,6 +153,7 @@ CASES = {  # name: (N, D, class probabilities)
     "tall_unbalanced": (240, 12, [0.55, 0.25, 0.12, 0.06, 0.02]),
     "wide": (36, 50, [0.4, 0.35, 0.25]),
     "absent_class": (120, 8, [0.5, 0.3, 0.0, 0.2]),
+    "one_feature": (60, 1, [0.6, 0.4]),
 }
 
 
@@ -327,6 +328,17 @@ def test_state_dict_round_trip_and_reset():
     assert set(stats.compute()) == {"logme", "hscore", "regularized_hscore", "transrate"}
 
 
+def test_kept_probabilities_survive_a_reused_buffer():
+    f, y = clustered(*CASES["absent_class"])
+    probs = softmax_probs(f, 4)
+    stats = ScoreStats()
+    buf_f, buf_p, buf_y = np.empty((40, 8)), np.empty((40, 4)), np.empty(40, int)
+    for i in range(0, len(y), 40):
+        buf_f[:], buf_p[:], buf_y[:] = f[i:i + 40], probs[i:i + 40], y[i:i + 40]
+        stats.update(buf_f, buf_y, buf_p)  # numpy buffers are shared by torch.from_numpy
+    assert_scores(stats.compute(), ref_all(f, y, probs))
+
+
 def test_optional_outputs():
     f, y = clustered(*CASES["tall_unbalanced"])
     probs = softmax_probs(f, 3)
@@ -363,7 +375,9 @@ def _rank(rank, store, data, out):
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+@pytest.mark.skipif(not torch.distributed.is_available()
+                    or "fork" not in multiprocessing.get_all_start_methods(),
+                    reason="needs torch.distributed and fork")
 def test_all_reduce_two_gloo_ranks(tmp_path):
     f, y = clustered(*CASES["tall_unbalanced"])
     p = softmax_probs(f, 4)
@@ -444,8 +458,26 @@ def test_memory_bound_refused_before_allocation():
     assert stats.count == 2
 
 
+def test_streaming_on_device_matches_references(device):
+    f, y = clustered(*CASES["tall_unbalanced"])
+    probs = softmax_probs(f, 5)
+    stats = stream(torch.from_numpy(f).to(device), torch.from_numpy(y).to(device),
+                   torch.from_numpy(probs).to(device))
+    assert stats._s["gram"].device.type == device
+    assert_scores(stats.compute(), ref_all(f, y, probs))
+    moved = ScoreStats(device="cpu").merge(stats)  # merge copies onto self's device
+    assert_scores(moved.compute(), ref_all(f, y, probs))
+
+
 def test_merge_refusals():
     a = stream(F, Y)
+    with pytest.raises(TransferFastError, match="without class Grams"):
+        a.merge(stream(F, Y, per_class_gram=False))
+    with pytest.raises(TransferFastError, match="without source probabilities"):
+        stream(F, Y, softmax_probs(F, 3)).merge(
+            stream(F, Y, softmax_probs(F, 3), keep_source_probs=False))
+    with pytest.raises(TransferFastError, match="num_classes=3"):
+        ScoreStats(num_classes=3).merge(a)
     with pytest.raises(TransferFastError, match="cannot merge statistics of 5 features"):
         a.merge(stream(F[:, :5], Y))
     with pytest.raises(TransferFastError, match="source classes"):

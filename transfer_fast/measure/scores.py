@@ -224,8 +224,7 @@ def _transrate_from_state(s: dict, eps: float) -> float:
     d = delta.shape[0]
     rates = []
     for idx in present.split(max(1, (64 * 2**20) // (8 * d * d))):  # 64 MiB of Grams at once
-        cg = _shift_class_grams_(s["class_gram"][idx].clone(), s["class_sum"][idx], count[idx],
-                                 delta)
+        cg = _shift_class_grams_(s["class_gram"][idx], s["class_sum"][idx], count[idx], delta)
         rates.append(_coding_rate(cg, count[idx], eps))
     return float(total - torch.cat(rates).mean())
 
@@ -395,9 +394,9 @@ class ScoreStats:
                 s["class_gram"][k].addmm_(xk.T, xk)
         if p is not None:
             _add_tables(s["hard"], s["soft"], p.argmax(1), p, y)
-            if self.keep_source_probs:
-                self._probs.append(p)
-                self._prob_labels.append(y)
+            if self.keep_source_probs:  # copies: the caller may reuse its buffers
+                self._probs.append(p.clone())
+                self._prob_labels.append(y.clone())
 
     def _live(self) -> dict:
         """The sums, class tensors cut to num_classes; needs N >= 2."""
@@ -429,52 +428,66 @@ class ScoreStats:
         return out
 
     def state_dict(self) -> dict:
-        """Tensors (class dimensions cut to num_classes; views, not copies) and sizes."""
+        """Settings, sizes and tensors (class dimensions cut to num_classes; views, not copies)."""
         c = self._classes
         sums = {k: (t.narrow(_CLASS_DIM[k], 0, c) if k in _CLASS_DIM else t)
                 for k, t in self._s.items()}
         return {"num_classes": c, "source_classes": self._source, "sums": sums,
-                "probs": list(self._probs), "prob_labels": list(self._prob_labels)}
+                "keep_source_probs": self.keep_source_probs, "probs": list(self._probs),
+                "prob_labels": list(self._prob_labels)}
+
+    def _check_state(self, state: dict, with_ours: bool) -> None:
+        """TransferFastError unless `state` can join these settings (and, with_ours, our sums)."""
+        sums, cs = state["sums"], state["source_classes"]
+        if not sums:
+            return
+        d, theirs = sums["shift"].shape[0], f"{sums['shift'].shape[0]} features, {cs} source"
+        if with_ours and self._s and (d != self.num_features or cs != self._source):
+            raise TransferFastError(f"cannot merge statistics of {theirs} classes into "
+                                    f"{self.num_features} features, {self._source} source classes")
+        limit = self._fixed_classes or MAX_CLASSES
+        if self._dim not in (None, d) or state["num_classes"] > limit:
+            raise TransferFastError(f"statistics of {theirs} classes and {state['num_classes']} "
+                                    f"classes do not fit num_features={self._dim}, "
+                                    f"num_classes={self._fixed_classes}")
+        if self.per_class_gram and "class_gram" not in sums:
+            raise TransferFastError("statistics without class Grams cannot join "
+                                    "per_class_gram=True")
+        if self.keep_source_probs and cs and not state["keep_source_probs"]:
+            raise TransferFastError("statistics without source probabilities cannot join "
+                                    "keep_source_probs=True (LEEP would miss their samples)")
 
     def load_state_dict(self, state: dict) -> None:
-        """Replace the statistics by copies of `state` (from state_dict) on this one's device."""
+        """Replace the statistics by copies of `state` (from state_dict) on this one's device
+        (kept source probabilities are shared: they are never changed in place).
+
+        Raises:
+            TransferFastError: state that does not fit these settings.
+        """
+        self._check_state(state, with_ours=False)
         self.reset()
-        self._s = {k: t.to(self.device or t.device, copy=True) for k, t in state["sums"].items()}
-        self._classes, self._source = state["num_classes"], state["source_classes"]
-        if self._s and ("class_gram" in self._s) != self.per_class_gram:
-            raise TransferFastError("class Grams in the state do not match "
-                                    f"per_class_gram={self.per_class_gram}")
+        self._s = {k: t.to(self.device or t.device, copy=True) for k, t in state["sums"].items()
+                   if k != "class_gram" or self.per_class_gram}
+        self._classes = max(self._classes, state["num_classes"])
+        self._source = state["source_classes"]
+        if self._s:
+            self._resize(self._classes)
         if self.keep_source_probs:
             dev = self._s["shift"].device if self._s else None
             self._probs = [t.to(dev) for t in state["probs"]]
             self._prob_labels = [t.to(dev) for t in state["prob_labels"]]
 
     def merge(self, other: ScoreStats) -> ScoreStats:
-        """A new ScoreStats of both sample sets (self's settings and device); neither changes.
+        """A new ScoreStats of both sample sets, with self's settings; neither input changes.
 
         Raises:
-            TransferFastError: different feature dimension or source classes, or source_probs
-                in one and not the other.
+            TransferFastError: other has a different D or C_s, or lacks what self's settings
+                need (class Grams, kept source probabilities).
         """
         out = ScoreStats(self._dim, self._fixed_classes, device=self.device,
                          keep_source_probs=self.keep_source_probs,
                          per_class_gram=self.per_class_gram, transrate_eps=self.transrate_eps)
         out.load_state_dict(self.state_dict())
-        if self.keep_source_probs and other._source and not other.keep_source_probs:
-            raise TransferFastError("cannot merge statistics without source probabilities into "
-                                    "keep_source_probs=True (LEEP would miss their samples)")
-        if not other._s:
-            return out
-        if not out._s:
-            out.load_state_dict(other.state_dict())
-            return out
-        if other.num_features != out.num_features or other._source != out._source:
-            raise TransferFastError(f"cannot merge statistics of {other.num_features} features "
-                                    f"and {other._source} source classes into "
-                                    f"{out.num_features} and {out._source}")
-        if self.per_class_gram and not other.per_class_gram:
-            raise TransferFastError("cannot merge statistics without class Grams into "
-                                    "per_class_gram=True")
         out._absorb(other.state_dict())
         return out
 
@@ -539,13 +552,19 @@ class ScoreStats:
         return self
 
     def _absorb(self, o: dict) -> None:
-        """In place: add the sums of state `o` (same D and C_s) after moving them to our shift."""
+        """In place: add the sums of state `o` after moving them to our shift."""
+        self._check_state(o, with_ours=True)
+        if not o["sums"]:
+            return
+        if not self._s:
+            self.load_state_dict(o)
+            return
         dev, c = self._s["shift"].device, o["num_classes"]
         _check_bytes(max(c, self._classes), self.num_features, self._source,
                      self.per_class_gram)
         self._grow(c)
-        o = {k: t.to(dev) for k, t in o["sums"].items()} | {"probs": o["probs"],
-                                                              "labels": o["prob_labels"]}
+        probs, labels = o["probs"], o["prob_labels"]
+        o = {k: t.to(dev) for k, t in o["sums"].items()}
         delta = self._s["shift"] - o["shift"]
         moved = _shift_moments(o, delta)
         for key, t in self._s.items():
@@ -557,8 +576,8 @@ class ScoreStats:
                 continue
             (t.narrow(_CLASS_DIM[key], 0, c) if key in _CLASS_DIM else t).add_(src)
         if self.keep_source_probs:
-            self._probs += [t.to(dev) for t in o["probs"]]
-            self._prob_labels += [t.to(dev) for t in o["labels"]]
+            self._probs += [t.to(dev) for t in probs]
+            self._prob_labels += [t.to(dev) for t in labels]
 
 
 def _gather_rows(t: torch.Tensor, group, world: int) -> torch.Tensor:
