@@ -250,13 +250,12 @@ def _leep_from(soft: torch.Tensor, probs: list, labels: list) -> float:
     """Mean of log sum_z P(y_i | z) theta_z(x_i); P(y | z) = soft joint / its marginal over y."""
     mz = soft.sum(1, keepdim=True)
     cond = torch.where(mz > 0, soft / mz.clamp_min(torch.finfo(soft.dtype).tiny), 0)
-    total, count = 0.0, 0
+    total, count = soft.new_zeros(()), 0
     for p, y in zip(probs, labels):
         for rows in torch.arange(len(y), device=y.device).split(_CHUNK):
-            e = (p[rows].double() * cond[:, y[rows]].T).sum(1)
-            total += float(e.log().sum())
+            total += (p[rows].double() * cond[:, y[rows]].T).sum(1).log().sum()
         count += len(y)
-    return total / count
+    return float(total) / count
 
 
 # ---------------------------------------------------------------- streaming accumulator
@@ -612,8 +611,10 @@ def logme(features, labels, *, regression: bool = False) -> float:
     regression from the features, divided by N.
 
     Targets: one per class present (one-hot), or with regression=True each column of float
-    labels. The fixed point on alpha, beta runs to convergence (LOGME_TOL), with thuml's
-    LOGME_EPS; the log-determinant runs over all D eigenvalues of F^T F (zeros when N < D).
+    labels. The fixed point on alpha, beta runs to convergence (LOGME_TOL, at most
+    LOGME_MAX_ITER steps) with thuml's LOGME_EPS; the log-determinant runs over all D
+    eigenvalues of F^T F (zeros when N < D, which thuml's _fit_fixed_point leaves out).
+    Unlike thuml's code, classes absent from labels are no targets.
 
     Args:
         features: (N, D) real, finite.
