@@ -11,6 +11,7 @@ from .measure.frechet import FrechetResult, frechet_distance
 from .measure.gap import BNGapResult, IntraclassVariance, bn_gap, data_amount, intraclass_variance
 from .measure.plan import PRESETS, Plan, make_plan
 from .measure.regression import TransferabilityModel, fit_transferability_model
+from .measure.scores import ScoreStats, hscore, leep, logme, nce, regularized_hscore, transrate
 from .measure.similarity import SimilarityResult, similarity
 from .measure.stats import ChannelStats, CovarianceStats, channel_stats
 from .measure.transferability import (
@@ -42,6 +43,7 @@ __all__ = [
     "PRESETS",
     "Plan",
     "ScanResult",
+    "ScoreStats",
     "SimilarityResult",
     "TrainResult",
     "TransferFastError",
@@ -54,15 +56,21 @@ __all__ = [
     "finetune",
     "fit_transferability_model",
     "frechet_distance",
+    "hscore",
     "intraclass_variance",
     "layer_distances",
+    "leep",
     "load_state",
+    "logme",
     "make_plan",
     "multi_tensor_distance",
+    "nce",
     "pretrain",
+    "regularized_hscore",
     "run_experiment",
     "scan",
     "similarity",
     "transferability",
     "transferability_from_states",
+    "transrate",
 ]

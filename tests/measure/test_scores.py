@@ -95,7 +95,7 @@ def coding_rate(z, eps):
 
 
 def ref_transrate(f, y, eps=1e-4):
-    z = f - f.mean(0, keepdims=True)  # as Huang et al.'s code: per-feature mean
+    z = f - f.mean()  # the issue's definition (TLlib): the overall scalar mean
     classes = np.unique(y)
     return coding_rate(z, eps) - sum(coding_rate(z[y == k], eps) for k in classes) / len(classes)
 

@@ -216,10 +216,12 @@ def _coding_rate(gram: torch.Tensor, n: torch.Tensor, eps: float) -> torch.Tenso
 
 
 def _transrate_from_state(s: dict, eps: float) -> float:
-    """R(Z) - mean over present classes of R(Z_k), Z = F minus its per-feature mean."""
+    """R(Z) - mean over present classes of R(Z_k), Z = F minus its overall scalar mean."""
     count = s["count"]
     n, present = count.sum(), (count > 0).nonzero().squeeze(1)
-    delta = s["class_sum"].sum(0) / n
+    # Sums are kept about `shift`: move them to the one overall mean of every entry.
+    scalar_mean = (s["shift"] + s["class_sum"].sum(0) / n).mean()
+    delta = scalar_mean - s["shift"]
     total = _coding_rate(_shift_moments(s, delta)["gram"], n, eps)
     d = delta.shape[0]
     rates = []
@@ -680,7 +682,7 @@ def regularized_hscore(features, labels) -> float:
 
 def transrate(features, labels, eps: float = 1e-4) -> float:
     """TransRate (Huang et al. 2022): R(Z) - (1/K) sum_k R(Z_k), R(Z) = 1/2 logdet(I + Z^T Z /
-    (n eps)), Z the features minus their per-feature mean (as the reference code), Z_k its rows
+    (n eps)), Z the features minus their overall scalar mean (as thuml's TLlib), Z_k its rows
     of class k, K the number of classes present. Needs C*D^2*8 bytes of class Grams.
 
     Args:
