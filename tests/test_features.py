@@ -106,8 +106,7 @@ def test_merge_of_shards_equals_one_pass_and_save_load_round_trip(tmp_path):
     for name in merged.layers:
         assert torch.equal(back.layers[name].class_mean, merged.layers[name].class_mean)
     assert torch.equal(back.gaussian()[1], merged.gaussian()[1])
-    with pytest.raises(tf.TransferFastError, match="no model"):
-        back.update(x)
+    assert isinstance(back, tf.FeatureState) and not hasattr(back, "update")  # no model
 
 
 def test_bad_inputs(tmp_path):
@@ -237,3 +236,22 @@ def test_a_batch_with_nan_leaves_the_statistics_unchanged():
         with pytest.raises(tf.TransferFastError, match="NaN or Inf"):
             stats.update(bad)
     assert torch.equal(stats.layers["bn2"].m2, before) and stats.samples == 10
+
+
+def test_scores_are_fed_the_penultimate_features_in_the_same_forward_pass():
+    """ScoreStats fed by the hooks equals the in-memory scores of the captured fc inputs,
+    whose float64 references are tested in tests/measure/test_scores.py."""
+    net = model()
+    x, y = data(60)
+    scores = tf.ScoreStats()
+    with tf.FeatureStats(net, scores=scores, source_probs=True) as stats:
+        for xb, yb in zip(x.split(16), y.split(16)):
+            stats.update(xb, yb)
+    feats = captured_inputs(net, x)["fc"]
+    with torch.no_grad():
+        probs = net(x).double().softmax(1)
+    got = scores.compute()
+    assert got["hscore"] == pytest.approx(tf.hscore(feats, y), rel=1e-6)
+    assert got["logme"] == pytest.approx(tf.logme(feats, y), rel=1e-6)
+    assert got["leep"] == pytest.approx(tf.leep(probs, y), rel=1e-5)
+    assert got["nce"] == pytest.approx(tf.nce(probs.argmax(1), y), rel=1e-6)

@@ -6,6 +6,7 @@ the Transferability in Deep Learning"), from one fused pass over the parameters.
 
 from .errors import TransferFastError
 from .io.checkpoints import load_state
+from .measure.feature_state import FeatureState
 from .measure.features import FeatureStats
 from .measure.frechet import FrechetResult, frechet_distance
 from .measure.gap import BNGapResult, IntraclassVariance, bn_gap, data_amount, intraclass_variance
@@ -35,6 +36,7 @@ __all__ = [
     "ChannelStats",
     "CovarianceStats",
     "ExperimentResult",
+    "FeatureState",
     "FeatureStats",
     "FrechetResult",
     "IntraclassVariance",

@@ -1,15 +1,14 @@
-"""FeatureStats: forward hooks that accumulate activation statistics of a model over data.
+"""FeatureStats: forward hooks that record activation statistics of a model over data.
 
 By default it watches the input of every BatchNorm layer (what the layer normalises,
 to compare with its running statistics) and the penultimate features (the input of
 the last Linear layer), whose full covariance is kept for the Fréchet distance and
-whose per-class moments give the intraclass variance. Statistics of a large sample
-are computed once, saved, and reused.
+whose per-class moments give the intraclass variance. What it accumulates is a
+FeatureState (feature_state.py): saved once, reloaded and merged without a model.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -18,9 +17,9 @@ from torch import nn
 
 from .. import ops
 from ..errors import TransferFastError, check_labels, first_few
+from .feature_state import FeatureState
 from .stats import ChannelStats, CovarianceStats
 
-FORMAT = "transfer_fast.FeatureStats/1"
 MAX_PARTS = 64  # batches kept per layer before they are merged
 _BN = (nn.modules.batchnorm._BatchNorm,)
 
@@ -38,53 +37,77 @@ def penultimate_layer(model: nn.Module) -> str | None:
 
 
 class FeatureStats:
-    """Per layer ChannelStats of the watched modules' inputs, and the penultimate covariance.
+    """Hooks that add the watched modules' inputs of every update() to a FeatureState.
 
-    `layers`: {module name: ChannelStats} (per class when labels are given);
-    `penultimate`: the module whose input is the penultimate features (or None);
-    `covariance`: CovarianceStats of those features; `samples`: samples seen.
+    Args:
+        model: the network to run; batches go to the device of its parameters.
+        modules: names of the modules whose inputs are recorded (default: every
+            BatchNorm layer that tracks running statistics).
+        penultimate: True: the input of the last nn.Linear; a module name; or False.
+        num_classes: fixed number of classes; None lets it grow with the labels seen.
+        backend: the channel_stats backend.
+        scores: a ScoreStats (measure.scores) fed the penultimate features and labels of
+            every labelled batch in the same forward pass; `source_probs=True` also
+            gives it softmax(model output) as the source model's predictions.
+    Attributes:
+        state: the FeatureState accumulated so far (`layers`, `covariance`, `samples`,
+            ... are read through to it).
     Hooks record only inside update(); a module that runs several times in one forward
     pass (a shared block) adds each of its inputs.
     """
 
-    def __init__(self, model: nn.Module | None = None, modules: Sequence[str] | None = None, *,
+    def __init__(self, model: nn.Module, modules: Sequence[str] | None = None, *,
                  penultimate: str | None | bool = True, num_classes: int | None = None,
-                 backend: str = "auto"):
-        self.model, self.backend, self.num_classes = model, backend, num_classes
+                 backend: str = "auto", scores=None, source_probs: bool = False):
+        self.model, self.backend = model, backend
+        self.scores, self.source_probs = scores, source_probs
         self._fixed_classes = num_classes is not None  # else it grows with the labels seen
         self._labelled: bool | None = None  # labelled and unlabelled batches do not mix
-        self._layers: dict[str, ChannelStats] = {}
         # Per layer, the batches not yet merged in: merging is deferred to a read (or
         # every MAX_PARTS batches) so the forward pass pays only for the kernel.
         self._parts: dict[str, list[ChannelStats]] = {}
         self._shift: dict[str, torch.Tensor] = {}
-        self.covariance: CovarianceStats | None = None
-        self.samples = 0
-        self.metadata: dict = {}
         self._handles: list = []
         self._active = False  # hooks record only inside update(), never a stray forward
         self._labels: torch.Tensor | None = None
         self._pending: list[tuple[str, ChannelStats]] = []  # this batch's, until it is checked
         self._pending_features: torch.Tensor | None = None
-        if model is None:
-            self.modules, self.penultimate = list(modules or []), None
-            return
-        self.modules = list(batchnorm_layers(model) if modules is None else modules)
-        self.penultimate = penultimate_layer(model) if penultimate is True else (
-            penultimate or None)
-        named = dict(model.named_modules())
-        missing = [m for m in [*self.modules, self.penultimate] if m and m not in named]
+        modules = list(batchnorm_layers(model) if modules is None else modules)
+        penultimate = penultimate_layer(model) if penultimate is True else (penultimate or None)
+        self.state = FeatureState(modules=modules, penultimate=penultimate,
+                                  num_classes=num_classes,
+                                  metadata={"model": type(model).__name__})
+        self._attach(modules, penultimate)
+
+    def _attach(self, modules: list[str], penultimate: str | None) -> None:
+        named = dict(self.model.named_modules())
+        missing = [m for m in [*modules, penultimate] if m and m not in named]
         if missing:
-            raise TransferFastError(f"{type(model).__name__} has no module {first_few(missing)}")
-        watched = dict.fromkeys([*self.modules, *([self.penultimate] if self.penultimate else [])])
+            raise TransferFastError(f"{type(self.model).__name__} has no module "
+                                    f"{first_few(missing)}")
+        watched = dict.fromkeys([*modules, *([penultimate] if penultimate else [])])
         if not watched:
-            raise TransferFastError(f"{type(model).__name__}: no module to watch (no BatchNorm "
-                                    "and no Linear layer); name the modules explicitly")
+            raise TransferFastError(f"{type(self.model).__name__}: no module to watch (no "
+                                    "BatchNorm and no Linear layer); name the modules explicitly")
         for name in watched:
             # BatchNorm normalises dim 1 whatever the rank: (N, C, L) for BatchNorm1d.
             first = isinstance(named[name], _BN)
             self._handles.append(named[name].register_forward_pre_hook(self._hook(name, first)))
-        self.metadata = {"model": type(model).__name__}
+
+    # Read-through views of the state, so that a recorder reads like its statistics.
+    modules = property(lambda self: self.state.modules)
+    penultimate = property(lambda self: self.state.penultimate)
+    covariance = property(lambda self: self.state.covariance)
+    samples = property(lambda self: self.state.samples)
+    num_classes = property(lambda self: self.state.num_classes)
+    metadata = property(lambda self: self.state.metadata)
+
+    @property
+    def layers(self) -> dict[str, ChannelStats]:
+        """{module name: ChannelStats} of everything accumulated so far."""
+        for name in list(self._parts):
+            self._consolidate(name)
+        return self.state.layers
 
     def _hook(self, name: str, channels_first: bool):
         def hook(module, inputs):
@@ -115,20 +138,19 @@ class FeatureStats:
                                             channels_first=channels_first, backend=self.backend)
         self._pending.append((name, ChannelStats(count, mean, m2)))
 
-    def _commit(self) -> None:
-        """Adds this batch's statistics, once every layer's are known to be finite.
-
-        One finiteness check per batch over every layer, so a GPU synchronises once.
-        """
-        pending, self._pending = self._pending, []
-        features, self._pending_features = self._pending_features, None
+    def _check_finite(self, pending: list[tuple[str, ChannelStats]]) -> None:
+        """One finiteness check per batch over every layer, so a GPU synchronises once."""
         if pending and not torch.isfinite(torch.cat([p.class_m2.flatten()
                                                      for _, p in pending])).all():
-            bad = [not torch.isfinite(p.class_m2).all() for _, p in pending]
-            if any(bad):
-                names = [name for (name, _), b in zip(pending, bad) if b]
-                raise TransferFastError(f"activations with NaN or Inf at the input of "
-                                        f"{first_few(names)}")
+            names = [name for name, p in pending if not torch.isfinite(p.class_m2).all()]
+            raise TransferFastError(f"activations with NaN or Inf at the input of "
+                                    f"{first_few(names)}")
+
+    def _commit(self, output) -> None:
+        """Adds this batch's statistics, once every layer's are known to be finite."""
+        pending, self._pending = self._pending, []
+        features, self._pending_features = self._pending_features, None
+        self._check_finite(pending)
         for name, part in pending:
             if name not in self._shift:  # the first batch's mean keeps later sums near zero
                 self._shift[name] = part.mean
@@ -136,35 +158,35 @@ class FeatureStats:
             parts.append(part)
             if len(parts) >= MAX_PARTS:
                 self._consolidate(name)
-        if features is not None:
-            if self.covariance is None:
-                self.covariance = CovarianceStats.empty(features.shape[1], features.device)
-            self.covariance.add_batch(features)
+        if features is None:
+            return
+        if self.state.covariance is None:
+            self.state.covariance = CovarianceStats.empty(features.shape[1], features.device)
+        self.state.covariance.add_batch(features)
+        if self.scores is not None and self._labels is not None:
+            probs = output.float().softmax(1) if self.source_probs else None
+            self.scores.update(features, self._labels, probs)
 
     def _consolidate(self, name: str) -> None:
         parts = self._parts.pop(name, [])
-        if name in self._layers:
-            parts.insert(0, self._layers[name])
+        if name in self.state.layers:
+            parts.insert(0, self.state.layers[name])
         if parts:
-            self._layers[name] = ChannelStats.combine(parts)
-
-    @property
-    def layers(self) -> dict[str, ChannelStats]:
-        """{module name: ChannelStats} of everything accumulated so far."""
-        for name in list(self._parts):
-            self._consolidate(name)
-        return self._layers
+            self.state.layers[name] = ChannelStats.combine(parts)
 
     @torch.no_grad()
     def update(self, batch: torch.Tensor, labels=None):
         """Runs the model on a batch (in eval mode) and accumulates; returns the model's output.
 
-        Labels (N,) give per-class statistics; without `num_classes` the number of classes
-        grows with the largest label seen. A batch whose activations hold NaN or Inf is
-        refused whole, and the statistics so far stay as they were.
+        Args:
+            batch: model inputs (N, ...).
+            labels: integer (N,) for per-class statistics; without a fixed `num_classes`
+                the number of classes grows with the largest label seen.
+        Raises:
+            TransferFastError: bad labels, mixing labelled and unlabelled batches, or
+                activations with NaN/Inf (the whole batch is refused, the statistics
+                stay as they were).
         """
-        if self.model is None:
-            raise TransferFastError("these statistics were loaded from a file: no model to run")
         if self._labelled is not None and self._labelled != (labels is not None):
             raise TransferFastError("labelled and unlabelled batches cannot be mixed: class "
                                     "statistics would be wrong")
@@ -173,7 +195,7 @@ class FeatureStats:
             labels, k = check_labels(
                 labels, num_samples=len(batch),
                 num_classes=self.num_classes if self._fixed_classes else None)
-            self.num_classes = max(self.num_classes or 1, k)
+            self.state.num_classes = max(self.num_classes or 1, k)
             labels = labels.to(device)
         was_training = self.model.training
         if was_training:  # eval()/train() walk every module: skip them when already in eval
@@ -182,14 +204,14 @@ class FeatureStats:
         try:
             out = self.model(batch.to(device))
             self._active = False
-            self._commit()
+            self._commit(out)
         finally:
             self._active, self._labels = False, None
             self._pending, self._pending_features = [], None
             if was_training:
                 self.model.train()
         self._labelled = self._labelled if self._labelled is not None else labels is not None
-        self.samples += len(batch)
+        self.state.samples += len(batch)
         return out
 
     def accumulate(self, data: Iterable, *, labels: bool = True, progress: bool = True,
@@ -206,36 +228,40 @@ class FeatureStats:
                 self.update(batch)
         return self
 
-    def merge(self, other: FeatureStats) -> FeatureStats:
-        """Adds another accumulator's statistics (e.g. another shard of the data) into this one."""
-        if set(other.layers) != set(self.layers) and self.layers and other.layers:
-            raise TransferFastError("cannot merge statistics of different layers: "
-                                    f"{first_few(set(self.layers) ^ set(other.layers))}")
-        mine = self.layers
-        for name, stats in other.layers.items():
-            mine[name] = stats if name not in mine else mine[name].merge(stats)
-        if other.covariance is not None:  # merge() returns new tensors: nothing is shared
-            start = self.covariance or CovarianceStats.empty(other.covariance.mean.shape[0],
-                                                             other.covariance.mean.device)
-            self.covariance = start.merge(other.covariance)
-        self.samples += other.samples
+    def merge(self, other: FeatureStats | FeatureState) -> FeatureStats:
+        """Adds another recorder's or a loaded state's statistics into this one."""
+        if isinstance(other, FeatureStats):
+            other.layers  # noqa: B018  (consolidates its pending parts first)
+            other = other.state
+        self.layers  # noqa: B018
+        self.state.merge(other)
         return self
 
     def all_reduce(self) -> FeatureStats:
         """Merges the statistics of every rank (torch.distributed) into each, in rank order."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return self
-        world = dist.get_world_size()
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, self._state_cpu())
-        merged = FeatureStats()
-        for state in gathered:  # rank order on every rank: the same result everywhere
-            merged.merge(FeatureStats._from_state(state))
-        self._layers, self.covariance, self.samples = (merged.layers, merged.covariance,
-                                                       merged.samples)
+        self.layers  # noqa: B018
+        self.state.all_reduce()
         return self
+
+    def gaussian(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, covariance) of the penultimate features, for frechet_distance."""
+        return self.state.gaussian()
+
+    @property
+    def features(self) -> ChannelStats:
+        """Per class moments of the penultimate features (for intraclass_variance)."""
+        self.layers  # noqa: B018
+        return self.state.features
+
+    def save(self, path: str | Path) -> Path:
+        """Writes the statistics (not the model) to a .safetensors file, atomically."""
+        self.layers  # noqa: B018
+        return self.state.save(path)
+
+    @staticmethod
+    def load(path: str | Path) -> FeatureState:
+        """Statistics written by save(), as a FeatureState (no model attached)."""
+        return FeatureState.load(path)
 
     def close(self) -> None:
         """Removes the hooks; the statistics stay."""
@@ -248,80 +274,3 @@ class FeatureStats:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def gaussian(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, covariance) of the penultimate features, for frechet_distance."""
-        if self.covariance is None or self.covariance.count < 2:
-            raise TransferFastError("no penultimate features were accumulated (needs a Linear "
-                                    "layer and at least 2 samples)")
-        return self.covariance.gaussian()
-
-    @property
-    def features(self) -> ChannelStats:
-        """Per class moments of the penultimate features (for intraclass_variance)."""
-        if self.penultimate is None or self.penultimate not in self.layers:
-            raise TransferFastError("no penultimate features were accumulated")
-        return self.layers[self.penultimate]
-
-    # Save / load: one .safetensors file, the layer list and metadata as JSON in its header.
-    def _state_cpu(self) -> dict:
-        tensors = {}
-        for name, s in self.layers.items():
-            tensors.update({f"{name}/class_count": s.class_count.cpu(),
-                            f"{name}/class_mean": s.class_mean.cpu(),
-                            f"{name}/class_m2": s.class_m2.cpu()})
-        cov = self.covariance
-        if cov is not None:
-            tensors.update({"covariance/mean": cov.mean.cpu(),
-                            "covariance/comoment": cov.comoment.cpu()})
-        meta = {"format": FORMAT, "layers": list(self.layers), "modules": self.modules,
-                "penultimate": self.penultimate, "samples": self.samples,
-                "covariance_count": cov.count if cov is not None else None,
-                "num_classes": self.num_classes, "metadata": self.metadata}
-        return {"tensors": tensors, "meta": meta}
-
-    @classmethod
-    def _from_state(cls, state: dict) -> FeatureStats:
-        t, meta = state["tensors"], state["meta"]
-        stats = cls(modules=meta["modules"])
-        stats.penultimate, stats.samples = meta["penultimate"], meta["samples"]
-        stats.num_classes, stats.metadata = meta["num_classes"], meta.get("metadata", {})
-        for name in meta["layers"]:
-            stats._layers[name] = ChannelStats(t[f"{name}/class_count"], t[f"{name}/class_mean"],
-                                              t[f"{name}/class_m2"])
-        if meta["covariance_count"] is not None:
-            stats.covariance = CovarianceStats(meta["covariance_count"], t["covariance/mean"],
-                                               t["covariance/comoment"])
-        return stats
-
-    def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        state = self._state_cpu()
-        try:
-            save_file({k: v.contiguous() for k, v in state["tensors"].items()}, str(path),
-                      metadata={"transfer_fast": json.dumps(state["meta"])})
-        except OSError as exc:
-            raise TransferFastError(f"{path}: cannot write ({exc.strerror})") from exc
-
-    @classmethod
-    def load(cls, path: str | Path) -> FeatureStats:
-        """Statistics saved by save(); no model attached (merge, gaps and distances work)."""
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                raw = (f.metadata() or {}).get("transfer_fast")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except FileNotFoundError as exc:
-            raise TransferFastError(f"{path}: no such file") from exc
-        except Exception as exc:  # safetensors raises its own error types for bad headers
-            raise TransferFastError(f"{path}: not a readable .safetensors file ({exc})") from exc
-        try:
-            meta = json.loads(raw or "")
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"format {meta.get('format')!r}")
-            return cls._from_state({"tensors": tensors, "meta": meta})
-        except (ValueError, KeyError, TypeError) as exc:
-            raise TransferFastError(f"{path}: not FeatureStats saved by transfer_fast "
-                                    f"({exc})") from exc

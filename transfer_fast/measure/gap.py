@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import TransferFastError
+from .feature_state import FeatureState
 from .features import FeatureStats, batchnorm_layers
 from .stats import ChannelStats
 
@@ -84,7 +85,7 @@ class BNGapResult:
         plt.close(fig)
 
 
-def bn_gap(model: nn.Module, data: Iterable | FeatureStats, *, metric: str = "w2",
+def bn_gap(model: nn.Module, data: Iterable | FeatureStats | FeatureState, *, metric: str = "w2",
            backend: str = "auto", progress: bool = True) -> BNGapResult:
     """Gap between each BN layer's running statistics and the data's activations there.
 
@@ -99,7 +100,7 @@ def bn_gap(model: nn.Module, data: Iterable | FeatureStats, *, metric: str = "w2
             f"{type(model).__name__} has no BatchNorm layer with running statistics, so "
             "bn_gap cannot be measured; use frechet_distance on the penultimate features "
             "instead (FeatureStats on a pre-training sample and on the downstream data)")
-    if isinstance(data, FeatureStats):
+    if isinstance(data, FeatureStats | FeatureState):
         stats = data
     else:
         with FeatureStats(model, names, penultimate=False, backend=backend) as stats:
@@ -143,12 +144,12 @@ class IntraclassVariance:
         return asdict(self)
 
 
-def intraclass_variance(stats: ChannelStats | FeatureStats) -> IntraclassVariance:
+def intraclass_variance(stats: ChannelStats | FeatureStats | FeatureState) -> IntraclassVariance:
     """Within-class diversity of (penultimate) features with per-class statistics.
 
     Classes with fewer than two samples have no variance and are left out of the mean.
     """
-    if isinstance(stats, FeatureStats):
+    if isinstance(stats, FeatureStats | FeatureState):
         stats = stats.features
     if stats.num_classes < 2:
         raise TransferFastError("intraclass variance needs per-class statistics: accumulate "
@@ -167,7 +168,7 @@ def intraclass_variance(stats: ChannelStats | FeatureStats) -> IntraclassVarianc
 
 def data_amount(data) -> int:
     """N: the number of training samples (of FeatureStats, a Dataset or anything with len)."""
-    if isinstance(data, FeatureStats):
+    if isinstance(data, FeatureStats | FeatureState):
         return data.samples
     try:
         return len(data)
