@@ -27,6 +27,7 @@ from ..measure.features import FeatureStats, batchnorm_layers
 from ..measure.frechet import frechet_distance
 from ..measure.gap import bn_gap, intraclass_variance
 from ..measure.plan import make_plan
+from ..ops.devices import resolve_device
 from ..train.finetune import finetune, pretrain
 from ..train.models import build_model
 from .experiment_config import fingerprint, load_config
@@ -116,14 +117,6 @@ def _class_problems(what: str, y: torch.Tensor) -> list[str]:
     return []
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TransferFastError("experiment.device = 'cuda' but no GPU is available")
-    return name
-
-
 def run_experiment(config, out: str | Path | None = None, *, html: bool = False,
                    progress: bool = True) -> ExperimentResult:
     """Runs (or resumes) the experiment of `config` (a TOML path or a dict) into `out`."""
@@ -134,7 +127,7 @@ def run_experiment(config, out: str | Path | None = None, *, html: bool = False,
     out = Path(out or Path("runs") / e["name"])
     data, classes = _load_tasks(cfg)  # before anything is written: bad data fails fast
     _claim(out, cfg)
-    device = _device(e["device"])
+    device = str(resolve_device(e["device"], what="experiment.device"))
     channels = data["pretrain"][0][0].shape[1]
 
     def model_fn():

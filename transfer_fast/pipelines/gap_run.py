@@ -13,26 +13,14 @@ import json
 import warnings
 from pathlib import Path
 
-import torch
-
 from ..errors import TransferFastError
 from ..io.datasets import batches, load_dataset
 from ..measure.features import FeatureStats, batchnorm_layers
 from ..measure.frechet import frechet_distance
 from ..measure.gap import bn_gap, data_amount, intraclass_variance
+from ..ops.devices import resolve_device
 from ..report.plots import json_safe
 from ..train.models import infer_in_channels, load_model
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TransferFastError(f"--device {name}: no GPU is available")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise TransferFastError(f"--device {name!r}: {exc}") from exc
 
 
 def run_gap(model_path, arch: str, data_path, *, out="runs/gap", metric: str = "w2",
@@ -40,7 +28,7 @@ def run_gap(model_path, arch: str, data_path, *, out="runs/gap", metric: str = "
             save_stats=None, device: str | None = None, backend: str = "auto",
             plots: bool = True) -> dict:
     """Measures and writes the gap report; returns what gap.json holds."""
-    model = load_model(arch, model_path).to(_device(device))
+    model = load_model(arch, model_path).to(resolve_device(device, what="--device"))
     has_bn = bool(batchnorm_layers(model))
     if not has_bn and reference_stats is None:
         raise TransferFastError(f"{model_path}: {arch} has no BatchNorm layer, so the "
