@@ -54,6 +54,30 @@ def _cmd_gap(args) -> int:
     return 0
 
 
+def _cmd_rank(args) -> int:
+    from .pipelines.rank import candidates_from_paths, rank, read_manifest
+
+    if bool(args.manifest) == bool(args.models):
+        raise TransferFastError("give candidate models either as paths or as --manifest")
+    candidates = (read_manifest(args.manifest, args.arch) if args.manifest
+                  else candidates_from_paths(args.models, args.arch))
+    code = sorted({c.arch for c in candidates if ":" in c.arch})
+    if code and not args.allow_code:
+        raise TransferFastError(f"--arch {code[0]} imports code from your environment: add "
+                                "--allow-code to allow it")
+    for arch in code:
+        print(f"importing user architecture {arch}")
+    result = rank(candidates, args.data, out=args.out, batch_size=args.batch_size,
+                  image_size=args.image_size, device=args.device, backend=args.backend,
+                  plots=not args.no_plots, progress=not args.no_progress)
+    for r in result.records:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in r.scores.items())
+        print(f"{r.label}: {shown}" if r.status == "ok" else f"{r.label}: failed: {r.error}")
+    print(f"{len(result.records) - result.failed} scored, {result.failed} failed; "
+          f"table in {result.table}")
+    return 1 if result.failed else 0
+
+
 def _cmd_experiment(args) -> int:
     from .pipelines.experiment import run_experiment
 
@@ -191,6 +215,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto", choices=BACKENDS)
     g.add_argument("--no-plots", action="store_true", help="tables only, no PNG")
     g.set_defaults(func=_cmd_gap)
+
+    rk = sub.add_parser("rank", parents=[common],
+                        help="transferability scores (LogME, H-score, TransRate, NCE, LEEP) of "
+                             "candidate models on one data set, before fine-tuning")
+    rk.add_argument("models", nargs="*", help="candidate checkpoints (or --manifest)")
+    rk.add_argument("--manifest", help="CSV with a 'path' column, optional 'arch' and 'label' "
+                                       "columns and any columns of your own")
+    rk.add_argument("--arch", help="architecture of every model: resnet18/34/50, tiny-resnet, "
+                                   "or package.module:function (needs --allow-code)")
+    rk.add_argument("--allow-code", action="store_true",
+                    help="allow --arch package.module:function to import your code")
+    rk.add_argument("--data", required=True,
+                    help="folder of images in class subfolders, or .npz with x and y")
+    rk.add_argument("--out", required=True, help="run folder; rerunning it resumes")
+    rk.add_argument("--batch-size", type=_positive_int, default=64, help="default 64")
+    rk.add_argument("--image-size", type=_positive_int, default=None,
+                    help="resize images (default 224 for folders, as stored for .npz)")
+    rk.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: a GPU "
+                                                   "when present)")
+    rk.add_argument("--backend", default="auto", choices=BACKENDS, help="default auto")
+    rk.add_argument("--no-plots", action="store_true", help="table only, no scores.png")
+    rk.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rk.set_defaults(func=_cmd_rank)
 
     x = sub.add_parser("experiment", parents=[common],
                        help="pre-train, fine-tune a grid of tasks x data amounts x seeds, "
