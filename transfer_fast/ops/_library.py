@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -25,11 +24,19 @@ except (ImportError, OSError) as exc:  # a missing or unloadable .so
     log.warning("transfer_fast: compiled kernels unavailable (%s); using pure torch", reason)
 
 
-@functools.cache  # registrations happen once, when the library loads; hooks ask per call
+OPS = ("multi_tensor_distance", "packed_distance", "channel_stats")
+# Registrations happen once, when the library loads, so the table is made once here. A
+# plain set lookup (not a call into torch._C) keeps the routing traceable by
+# torch.compile(fullgraph=True).
+_REGISTERED = frozenset(
+    (key, op) for key in ("CPU", "CUDA") for op in OPS
+    if loaded and torch._C._dispatch_has_kernel(f"transfer_fast::{op}")
+    and torch._C._dispatch_has_kernel_for_dispatch_key(f"transfer_fast::{op}", key))
+
+
 def has_kernel(dispatch_key: str, op: str = "multi_tensor_distance") -> bool:
     """Whether the compiled library registered `op` for 'CPU' or 'CUDA'."""
-    return loaded and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"transfer_fast::{op}", dispatch_key)
+    return (dispatch_key, op) in _REGISTERED
 
 
 def build_info() -> dict:
