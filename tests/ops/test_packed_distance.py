@@ -112,6 +112,22 @@ def test_layout_aligns_every_tensor_and_round_trips():
         layout.pack([tensors[0], torch.zeros(2), *tensors[2:]])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_pack_copies_host_tensors_into_a_device_buffer():
+    tensors = make_sets([(3, 4), (CHUNK + 1,), ()], 1, torch.float16)[0]
+    layout = PackedLayout.from_tensors(tensors)
+    buf = layout.new_buffer(1, dtype=torch.float32, device="cuda")
+    layout.pack(tensors, out=buf[0])
+    assert all(torch.equal(v.cpu(), t.float()) for v, t in zip(layout.unpack(buf[0]), tensors))
+    assert layout.chunks_on("cuda").device.type == "cuda"
+
+
+def test_explicit_backend_on_the_wrong_device_is_refused():
+    layout = PackedLayout.from_shapes([(3,)])
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot reduce buffers on cpu"):
+        packed_distance(layout.new_buffer(1), layout.new_buffer(1), layout, backend="cuda")
+
+
 def test_chunk_rows_cover_each_tensor_in_order():
     layout = PackedLayout.from_shapes([(5,), (0,), (2 * CHUNK + 3,), (1,)])
     rows = layout.chunks_on("cpu").tolist()

@@ -10,8 +10,10 @@ ops. A set of A anchor sets is then one (A, L) tensor, and
 
     layout = PackedLayout.from_tensors(theta_r)            # once per architecture
     anchors = layout.new_buffer(2, dtype=torch.float32, device="cuda")
-    layout.pack(theta_r, out=anchors[0]); layout.pack(theta_a, out=anchors[1])
-    sums = packed_distance(anchors, layout.pack(theta_b).unsqueeze(0), layout)  # (2, 1, T, 5)
+    targets = layout.new_buffer(1, dtype=torch.float32, device="cuda")
+    for row, tensors in zip([*anchors, *targets], (theta_r, theta_a, theta_b)):
+        layout.pack(tensors, out=row)                      # per checkpoint, into reused rows
+    sums = packed_distance(anchors, targets, layout)       # (2, 1, T, 5)
 """
 
 from __future__ import annotations
@@ -157,9 +159,11 @@ def packed_distance(anchors: torch.Tensor, targets: torch.Tensor, layout: Packed
     device = anchors.device
     key = _DISPATCH_KEY.get(device.type)
     compiled = key is not None and _ext.has_kernel(key, "packed_distance")
-    if backend != "auto" and (backend != device.type or not compiled):
-        reason = _ext.reason if not _ext.loaded else "the op is not built for this device"
-        raise RuntimeError(f"backend {backend!r} cannot reduce buffers on {device}: {reason}")
+    if backend != "auto" and backend != device.type:
+        raise RuntimeError(f"backend {backend!r} cannot reduce buffers on {device}")
+    if backend != "auto" and not compiled:
+        reason = _ext.reason or "packed_distance is not built into the compiled library"
+        raise RuntimeError(f"backend {backend!r} is unavailable: {reason}")
     dtype = torch.promote_types(anchors.dtype, targets.dtype)
     if not compiled or dtype not in KERNEL_DTYPES or targets.device != device:
         return packed_distance_torch(anchors, targets, layout)
