@@ -92,8 +92,9 @@ struct PackedDims {
 
 // packed_distance, all O(1): anchors (A, L) and targets (K, L) contiguous, of
 // one dtype and device; chunks int64 (rows, 3) contiguous on that device. The
-// rows themselves are not read here (that would be O(rows), and on a GPU a
-// synchronisation); the kernels never read outside the buffers whatever they hold.
+// rows themselves are not read here: on a GPU that would synchronise. The CPU
+// kernel checks them as it goes; the CUDA kernel reads a row it cannot read
+// as empty, so no content of `chunks` makes either read outside the buffers.
 inline PackedDims check_packed_inputs(const at::Tensor& anchors, const at::Tensor& targets,
                                       const at::Tensor& chunks, int64_t num_tensors,
                                       at::DeviceType device_type) {
