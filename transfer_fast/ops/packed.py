@@ -5,7 +5,7 @@ concatenated in order, each starting at a multiple of `ALIGN_ELEMS` (16) element
 That keeps every tensor 16-byte aligned for every kernel dtype (64 bytes, a cache
 line, for float32), so the CUDA kernel's vector loads stay aligned, and makes one
 layout and one chunk map serve any dtype. Padding elements are never read by the
-ops. A set of A anchor sets is then one (A, L) tensor, and
+ops. A anchor sets are then one (A, L) tensor, and
 `torch.ops.transfer_fast.packed_distance` costs O(1) host work whatever T is.
 
     layout = PackedLayout.from_tensors(theta_r)            # once per architecture
