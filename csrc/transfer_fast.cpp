@@ -20,6 +20,16 @@ TORCH_LIBRARY(transfer_fast, m) {
   m.def(
       "multi_tensor_distance(Tensor[] anchors, Tensor[] targets, "
       "int num_tensors) -> Tensor");
+  // The same sums for sets packed into flat buffers: anchors (A, L), targets
+  // (K, L), contiguous, of one dtype; chunks: int64 (rows, 3) work map on
+  // their device, from packed_chunks. O(1) host work per call.
+  m.def(
+      "packed_distance(Tensor anchors, Tensor targets, Tensor chunks, "
+      "int num_tensors) -> Tensor");
+  // CPU int64 offsets (T,), numels (T,): tensor t is elements [offsets[t],
+  // offsets[t] + numels[t]) of a set's row. Returns the chunk rows (rows, 3):
+  // (tensor, begin, end), at most 2^16 elements each; built once per layout.
+  m.def("packed_chunks(Tensor offsets, Tensor numels) -> Tensor");
   // x: (N, C, S), or (N, S, C) when channels_last; shift: float64 (C,), the
   // value subtracted before squaring (near the mean keeps float64 exact);
   // labels: int64 (N,) in [0, num_classes), or None with num_classes == 1.
@@ -28,4 +38,7 @@ TORCH_LIBRARY(transfer_fast, m) {
   m.def(
       "channel_stats(Tensor x, Tensor shift, Tensor? labels, int num_classes, "
       "bool channels_last) -> (Tensor, Tensor, Tensor)");
+  // Raises on request (mode 1: RuntimeError, 2: ValueError, 3: RuntimeError
+  // from a worker thread), else returns int64 [0]: errors must reach Python.
+  m.def("_self_check(int mode) -> Tensor");
 }

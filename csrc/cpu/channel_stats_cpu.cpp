@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "../common/channel_stats_common.h"
+#include "../common/channel_stats_finish.h"
 
 namespace transfer_fast {
 namespace {
@@ -75,10 +76,9 @@ void sums_channels_last(const scalar_t* x, const double* shift, const int64_t* l
   });
 }
 
-// Sums of d = x - shift -> mean and centred sum of squares, in place (s1 becomes
-// the mean, s2 the m2). The shift keeps d near zero, so s2 - s1^2/n loses little to
-// cancellation in float64 even for a large mean and a small spread. One loop over
-// (K, C): with a thousand classes this is most of the work after the pass over x.
+// Sums -> mean and centred sum of squares, in place (s1 becomes the mean, s2
+// the m2). One loop over (K, C): with a thousand classes this is most of the
+// work after the pass over x.
 void finish_in_place(const at::Tensor& count, const at::Tensor& shift, at::Tensor& s1,
                      at::Tensor& s2) {
   const int64_t K = s1.size(0), C = s1.size(1);
@@ -89,10 +89,8 @@ void finish_in_place(const at::Tensor& count, const at::Tensor& shift, at::Tenso
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, C));
   at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      for (int64_t c = k * C; c < (k + 1) * C; ++c) {  // empty classes: mean 0, m2 0
-        const double d = n[k] > 0 ? a[c] / n[k] : 0.0;
-        b[c] = n[k] > 0 ? std::max(b[c] - a[c] * d, 0.0) : 0.0;
-        a[c] = n[k] > 0 ? sh[c - k * C] + d : 0.0;
+      for (int64_t c = 0; c < C; ++c) {
+        finish_channel_stat(n[k], sh[c], a[k * C + c], b[k * C + c]);
       }
     }
   });

@@ -1,8 +1,9 @@
 // CUDA kernel of transfer_fast::channel_stats: the shared argument checks,
 // device guard and current stream, workspaces, then the nvcc-compiled
-// launcher. Labels are not range-checked here (that would synchronise on
-// every call); the kernels skip out-of-range labels so a bad one can never
-// write out of bounds, and the Python wrapper rejects them before the call.
+// launcher, which also finishes the statistics. Labels are not range-checked
+// here (that would synchronise on every call); the kernels skip out-of-range
+// labels so a bad one can never write out of bounds, and the Python wrapper
+// rejects them before the call.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -16,24 +17,6 @@
 #include "element_dtype_glue.h"
 
 namespace transfer_fast {
-namespace {
-
-// Sums of d = x - shift per (class, channel) -> (count, mean, centred sum of
-// squares). The shift keeps d near zero, so s2 - s1^2/n loses little to
-// cancellation in float64 even for a large mean and a small spread.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_stats(const at::Tensor& count,
-                                                            const at::Tensor& s1,
-                                                            const at::Tensor& s2,
-                                                            const at::Tensor& shift) {
-  const at::Tensor n = count.unsqueeze(1);
-  const at::Tensor safe_n = n.clamp_min(1);  // empty classes: count 0, mean 0, m2 0
-  const at::Tensor present = n > 0;
-  const at::Tensor mean = at::where(present, shift.unsqueeze(0) + s1 / safe_n, 0.0);
-  const at::Tensor m2 = at::where(present, (s2 - s1 * s1 / safe_n).clamp_min(0.0), 0.0);
-  return {count, mean, m2};
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_stats_cuda(
     const at::Tensor& x, const at::Tensor& shift, const std::optional<at::Tensor>& labels,
@@ -55,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_stats_cuda(
       labels.has_value() ? labels->const_data_ptr<int64_t>() : nullptr, d.samples, C, d.inner,
       K, channels_last, rows.data_ptr<double>(), count.data_ptr<double>(),
       s1.data_ptr<double>(), s2.data_ptr<double>(), stream));
-  return finish_stats(count, s1, s2, shift);
+  return {count, s1, s2};  // s1, s2 now hold the mean and m2
 }
 
 }  // namespace transfer_fast

@@ -16,8 +16,9 @@ namespace transfer_fast {
 //   labels:   int64 (N,) or null (every sample in class 0); labels outside
 //             [0, num_classes) are skipped (the caller validates them)
 //   row_sums: device workspace of 2 * N * C doubles, fully overwritten
-//   count:    float64 (K,), s1, s2: float64 (K, C); zeroed here, then per
-//             (class, channel) the count and the sums of d and d^2, d = x - shift
+//   count:    float64 (K,), s1, s2: float64 (K, C), fully overwritten: per
+//             class the elements per channel; per (class, channel) the mean
+//             (s1) and the centred sum of squares (s2), zeros for empty classes
 // Each (class, channel) sum is added in sample order by one thread: no
 // atomics, so results are bitwise reproducible.
 cudaError_t launch_channel_stats(ElementDtype dtype, const void* x, const double* shift,
