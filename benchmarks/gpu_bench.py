@@ -12,35 +12,20 @@ the same bytes) lower is better and 1.0 is the bound; against a baseline < 1 is 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import statistics
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import transfer_fast
-from transfer_fast import _ext
+from transfer_fast.ops import _library as _ext
+from transfer_fast.ops import packed
 from transfer_fast.testing import resnet_shapes, triple
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def import_packed():
-    try:
-        return importlib.import_module("transfer_fast.ops.packed")
-    except ImportError:  # while transfer_fast/ops.py is still a module, not the ops/ package
-        spec = importlib.util.spec_from_file_location(
-            "transfer_fast.ops.packed", ROOT / "transfer_fast" / "ops" / "packed.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up while building
-        spec.loader.exec_module(module)
-        return module
-
-
-packed = import_packed()
 
 
 def time_ms(fn: Callable[[], object], reps: int, warmup: int = 5) -> float:

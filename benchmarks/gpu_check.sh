@@ -35,7 +35,7 @@ if ! "$PY" setup.py build_ext --inplace >"$LOGS/gpu_build.log" 2>&1; then
 fi
 grep -A3 "transfer_fast build configuration" "$LOGS/gpu_build.log" || true
 echo "built in $((SECONDS - start)) s"
-"$PY" -c 'from transfer_fast import _ext
+"$PY" -c 'from transfer_fast.ops import _library as _ext
 ops = ("multi_tensor_distance", "packed_distance", "channel_stats")
 missing = [op for op in ops if not _ext.has_kernel("CUDA", op)]
 raise SystemExit(f"CUDA kernels missing: {missing} ({_ext.reason})" if missing else 0)'

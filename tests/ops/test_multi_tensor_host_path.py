@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from transfer_fast import _ext
+from transfer_fast.ops import _library as _ext
 
 needs_cuda_kernel = pytest.mark.skipif(
     not (torch.cuda.is_available() and _ext.has_kernel("CUDA")), reason="needs a GPU build")

@@ -1,16 +1,14 @@
 """packed_distance and packed_chunks against float64 math, on every kernel dtype and device."""
 
-import importlib
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import backend_of
 
-from transfer_fast import _ext
+from transfer_fast.ops import _library as _ext
+from transfer_fast.ops import packed
 
 CHUNK = 1 << 16  # kChunkElems in csrc/common/distance_sums.h
 # Around vector widths, the CPU block (1024), the chunk edge; empty, scalar, odd shapes.
@@ -22,19 +20,6 @@ DTYPES = (torch.float32, torch.float64, *LOW_PRECISION)
 pytestmark = pytest.mark.skipif(not _ext.loaded, reason=f"compiled library: {_ext.reason}")
 
 
-def _import_packed():
-    try:
-        return importlib.import_module("transfer_fast.ops.packed")
-    except ImportError:  # while transfer_fast/ops.py is still a module, not the ops/ package
-        path = Path(__file__).parents[2] / "transfer_fast" / "ops" / "packed.py"
-        spec = importlib.util.spec_from_file_location("transfer_fast.ops.packed", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up while building
-        spec.loader.exec_module(module)
-        return module
-
-
-packed = _import_packed()
 PackedLayout, packed_distance = packed.PackedLayout, packed.packed_distance
 
 
@@ -284,7 +269,7 @@ def test_self_check_errors_reach_python(mode, error):
 
 
 def test_self_check_error_in_a_fresh_process_is_an_exception_not_a_crash():
-    code = ("import torch, transfer_fast._ext\n"
+    code = ("import torch, transfer_fast\n"
             "try:\n    torch.ops.transfer_fast._self_check(1)\n"
             "except RuntimeError:\n    print('caught')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -5,5 +5,7 @@ versions in `reference`; the rest of the package calls these functions only.
 """
 
 from .dispatch import BACKENDS, KERNEL_DTYPES, backend_status, channel_stats, multi_tensor_distance
+from .packed import PackedLayout, packed_distance
 
-__all__ = ["BACKENDS", "KERNEL_DTYPES", "backend_status", "channel_stats", "multi_tensor_distance"]
+__all__ = ["BACKENDS", "KERNEL_DTYPES", "PackedLayout", "backend_status", "channel_stats",
+           "multi_tensor_distance", "packed_distance"]

@@ -21,3 +21,12 @@ if _library.loaded:
         return (x.new_empty((num_classes,), dtype=torch.float64),
                 x.new_empty((num_classes, channels), dtype=torch.float64),
                 x.new_empty((num_classes, channels), dtype=torch.float64))
+
+    @torch.library.register_fake("transfer_fast::packed_distance")
+    def _(anchors, targets, chunks, num_tensors):
+        return anchors.new_empty((anchors.shape[0], targets.shape[0], num_tensors, 5),
+                                 dtype=torch.float64)
+
+    @torch.library.register_fake("transfer_fast::packed_chunks")
+    def _(offsets, numels):
+        return offsets.new_empty((torch.library.get_ctx().new_dynamic_size(), 3))

@@ -25,24 +25,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from transfer_fast import _ext  # the compiled library's state; moves to transfer_fast.ops._library
+from ..errors import TransferFastError
+from . import _library
+from .dispatch import _DISPATCH_KEY, BACKENDS, KERNEL_DTYPES
 
-BACKENDS = ("auto", "cuda", "cpu", "torch")
-KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 ALIGN_ELEMS = 16
-_DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
-
-if _ext.loaded:
-
-    @torch.library.register_fake("transfer_fast::packed_distance")
-    def _(anchors, targets, chunks, num_tensors):
-        return anchors.new_empty((anchors.shape[0], targets.shape[0], num_tensors, 5),
-                                 dtype=torch.float64)
-
-    @torch.library.register_fake("transfer_fast::packed_chunks")
-    def _(offsets, numels):
-        return offsets.new_empty((torch.library.get_ctx().new_dynamic_size(), 3))
-
 
 def _canonical(device: torch.device | str) -> torch.device:
     device = torch.device(device)
@@ -149,7 +136,7 @@ def packed_distance(anchors: torch.Tensor, targets: torch.Tensor, layout: Packed
     Mixed dtypes are promoted (exactly) and non-contiguous buffers copied first.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise TransferFastError(f"backend must be one of {BACKENDS}, got {backend!r}")
     for role, x in (("anchors", anchors), ("targets", targets)):
         if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] != layout.length:
             raise ValueError(f"expected {role} of shape (sets >= 1, {layout.length}), "
@@ -158,11 +145,11 @@ def packed_distance(anchors: torch.Tensor, targets: torch.Tensor, layout: Packed
         return packed_distance_torch(anchors, targets, layout)
     device = anchors.device
     key = _DISPATCH_KEY.get(device.type)
-    compiled = key is not None and _ext.has_kernel(key, "packed_distance")
+    compiled = key is not None and _library.has_kernel(key, "packed_distance")
     if backend != "auto" and backend != device.type:
         raise RuntimeError(f"backend {backend!r} cannot reduce buffers on {device}")
     if backend != "auto" and not compiled:
-        reason = _ext.reason or "packed_distance is not built into the compiled library"
+        reason = _library.reason or "packed_distance is not built into the compiled library"
         raise RuntimeError(f"backend {backend!r} is unavailable: {reason}")
     dtype = torch.promote_types(anchors.dtype, targets.dtype)
     if not compiled or dtype not in KERNEL_DTYPES or targets.device != device:
