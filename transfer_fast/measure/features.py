@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import ops
 from ..errors import TransferFastError, first_few
+from ..io.files import save_tensors
 from .stats import ChannelStats, CovarianceStats, check_labels
 
 FORMAT = "transfer_fast.FeatureStats/1"
@@ -293,15 +294,11 @@ class FeatureStats:
                                                t["covariance/comoment"])
         return stats
 
-    def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
+    def save(self, path: str | Path) -> Path:
+        """A .safetensors file, the layout in its metadata; written atomically."""
         state = self._state_cpu()
-        try:
-            save_file({k: v.contiguous() for k, v in state["tensors"].items()}, str(path),
-                      metadata={"transfer_fast": json.dumps(state["meta"])})
-        except OSError as exc:
-            raise TransferFastError(f"{path}: cannot write ({exc.strerror})") from exc
+        return save_tensors(path, state["tensors"],
+                            metadata={"transfer_fast": json.dumps(state["meta"])})
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:
