@@ -9,7 +9,7 @@ from conftest import backend_of
 
 from transfer_fast import TransferFastError, testing
 from transfer_fast.measure.similarity import similarity
-from transfer_fast.report import plots as report
+from transfer_fast.report.figures import group_curves_figure, heatmap_figure, save_figure
 
 PNG = b"\x89PNG\r\n\x1a\n"
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -181,9 +181,10 @@ def test_report_plots(tmp_path, rows):
     labels = [f"checkpoint_{k}" for k in range(rows)]
     values = [[1.0 + 0.1 * g + 0.01 * k for g in range(len(GROUPS))] for k in range(rows)]
     values[0][1], values[1][2] = math.nan, math.inf
-    report.plot_heatmap(labels, GROUPS, values, tmp_path / "heat.png", title="T")
-    report.plot_group_curves(labels, GROUPS, values, tmp_path / "curves.png", max_curves=12)
+    save_figure(heatmap_figure(labels, GROUPS, values, title="T"), tmp_path / "heat.png")
+    save_figure(group_curves_figure(labels, GROUPS, values, max_curves=12),
+                tmp_path / "curves.png")
     for name in ("heat.png", "curves.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG
-    with pytest.raises(ValueError, match="rows"):
-        report.plot_heatmap(labels, GROUPS, values[:-1], tmp_path / "bad.png")
+    with pytest.raises(TransferFastError, match="rows"):
+        heatmap_figure(labels, GROUPS, values[:-1])

@@ -12,19 +12,16 @@ from .errors import TransferFastError
 
 def _cmd_measure(args) -> int:
     from .measure.transferability import transferability
-    from .report import plots as report
+    from .report.figures import save_figure, transferability_figure
+    from .report.tables import format_table, write_result_csv, write_result_json
 
     result = transferability(args.random, args.pretrained, args.finetuned, preset=args.preset,
                              metric=args.metric, backend=args.backend)
-    print(report.format_table(result))
-    for path, write in ((args.json, report.write_json), (args.csv, report.write_csv),
-                        (args.plot, report.plot)):
+    print(format_table(result))
+    for path, write in ((args.json, write_result_json), (args.csv, write_result_csv),
+                        (args.plot, lambda r, p: save_figure(transferability_figure(r), p))):
         if path:
-            try:
-                write(result, path)
-            except (OSError, ValueError) as exc:  # ValueError: a format matplotlib lacks
-                reason = exc.strerror if isinstance(exc, OSError) else str(exc).splitlines()[0]
-                raise TransferFastError(f"{path}: cannot write ({reason})") from exc
+            write(result, path)  # a failed write raises TransferFastError naming the path
             print(f"wrote {path}")
     return 0
 

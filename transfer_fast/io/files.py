@@ -7,6 +7,7 @@ of a file's identity (`file_key`) and of JSON without inf/nan (`json_safe`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -45,7 +46,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise TransferFastError(f"{path}: cannot write ({reason.splitlines()[0]})") from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. the folder is a file: keep the first error
+            tmp.unlink(missing_ok=True)
     return path
 
 

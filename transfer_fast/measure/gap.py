@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import TransferFastError
+from ..io.files import write_json
 from .feature_state import FeatureState
 from .features import FeatureStats, batchnorm_layers
 from .stats import ChannelStats
@@ -65,24 +65,14 @@ class BNGapResult:
         lines.append(f"{'mean':<{width}}  {'':>8}  {self.mean:>12.5g}")
         return "\n".join(lines)
 
-    def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    def write_json(self, path: str | Path) -> Path:
+        return write_json(path, self.to_dict())
 
-    def plot(self, path: str | Path, title: str | None = None) -> None:
-        """Bars of the gap per BN layer in network order, the mean as a dashed line (PNG)."""
-        from ..report.plots import label_axis, pyplot
-
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(self.layers) + 2), 3.6))
-        ax.bar(range(len(self.values)), self.values, color="tab:blue")
-        ax.axhline(self.mean, ls="--", color="tab:red", label=f"mean {self.mean:.3g}")
-        label_axis(ax, "x", self.layers)
-        ax.set_ylabel(f"BN-statistics gap ({self.metric})")
-        ax.set_title(title or f"Domain gap per BatchNorm layer ({self.samples} samples)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+    def plot(self, path: str | Path, title: str | None = None) -> Path:
+        """Bars of the gap per BN layer in network order, the mean as a dashed line."""
+        # The one allowed upward import (only inside `plot`): figures live in report/.
+        from ..report.figures import bn_gap_figure, save_figure
+        return save_figure(bn_gap_figure(self, title=title), path)
 
 
 def bn_gap(model: nn.Module, data: Iterable | FeatureStats | FeatureState, *, metric: str = "w2",

@@ -15,11 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TransferFastError
-from ..report.plots import plain_log_axes, pyplot
 
 PREDICTORS = ("G", "D", "logN")
 MIN_ROWS = 5  # more rows than the 4 parameters, else no degrees of freedom for the errors
-MAX_LABELLED = 15  # more point labels than this overlap into an unreadable plot
 
 
 @dataclass
@@ -64,31 +62,11 @@ class TransferabilityModel:
                 "labels": list(self.labels), "zscore": self.zscore, "means": dict(self.means),
                 "stds": dict(self.stds), "warnings": list(self.warnings)}
 
-    def plot(self, path: str | Path, title: str | None = None) -> None:
-        """PNG: predicted (in-sample and leave-one-out) vs measured T, log-log, identity line."""
-        plt = pyplot()
-        fig, ax = plt.subplots(figsize=(5.5, 5.0), layout="constrained")
-        ax.scatter(self.measured, self.predictions, marker="o", color="tab:blue",
-                   label=f"in-sample, R² = {self.r2:.2f}")
-        ax.scatter(self.measured, self.loo_predictions, marker="x", color="tab:red",
-                   label=f"leave-one-out, R² = {self.loo_r2:.2f}")
-        for label, x, y in zip(self.labels, self.measured, self.predictions):
-            if label and len(self.labels) <= MAX_LABELLED:
-                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        values = [v for v in self.measured + self.predictions + self.loo_predictions
-                  if math.isfinite(v)]
-        low, high = min(values) / 1.5, max(values) * 1.5
-        ax.plot([low, high], [low, high], color="0.4", lw=0.8, ls="--",
-                label="predicted = measured")
-        ax.set(xscale="log", yscale="log", xlim=(low, high), ylim=(low, high),
-               xlabel="measured T", ylabel="predicted T")
-        plain_log_axes(ax)
-        terms = " ".join(f"{self.coefficients[k]:+.2f} {k}" for k in PREDICTORS)
-        ax.set_title(title or f"log T = {terms} {self.intercept:+.2f}"
-                     + (" (z-scored)" if self.zscore else ""), fontsize=9)
-        ax.legend(loc="best", fontsize=8)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+    def plot(self, path: str | Path, title: str | None = None) -> Path:
+        """Predicted (in-sample and leave-one-out) vs measured T, log-log, identity line."""
+        # The one allowed upward import (only inside `plot`): figures live in report/.
+        from ..report.figures import model_fit_figure, save_figure
+        return save_figure(model_fit_figure(self, title=title), path)
 
 
 def _loo_r2(y: np.ndarray, loo: np.ndarray) -> float:

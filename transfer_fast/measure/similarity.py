@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from torch import nn
 from .. import ops
 from ..errors import TransferFastError, first_few
 from ..io.checkpoints import StateSource, load_state
+from ..io.files import write_csv
 from .plan import make_plan
 
 NETWORK = "network"  # the last group: every compared tensor at once
@@ -40,27 +40,26 @@ class SimilarityResult:
                 "cosine": self.cosine.tolist(), "l2": self.l2.tolist(),
                 "excluded": dict(self.excluded), "warnings": list(self.warnings)}
 
-    def write_csv(self, path: str | Path) -> None:
+    def write_csv(self, path: str | Path) -> Path:
         """Long format: one row per (group, i, j) with columns group, a, b, cosine, l2."""
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["group", "a", "b", "cosine", "l2"])
-            for g, group in enumerate(self.groups):
-                cosine, l2 = self.cosine[g].tolist(), self.l2[g].tolist()
-                for i, a in enumerate(self.labels):
-                    for j, b in enumerate(self.labels):
-                        w.writerow([group, a, b, repr(cosine[i][j]), repr(l2[i][j])])
+        rows = []
+        for g, group in enumerate(self.groups):
+            cosine, l2 = self.cosine[g].tolist(), self.l2[g].tolist()
+            rows += [[group, a, b, repr(cosine[i][j]), repr(l2[i][j])]
+                     for i, a in enumerate(self.labels) for j, b in enumerate(self.labels)]
+        return write_csv(path, ["group", "a", "b", "cosine", "l2"], rows)
 
-    def plot(self, path: str | Path, group: str = NETWORK, title: str | None = None) -> None:
-        """PNG: the cosine and the L2 matrix of one group (the whole network by default)."""
-        from ..report.plots import plot_similarity
-
+    def plot(self, path: str | Path, group: str = NETWORK, title: str | None = None) -> Path:
+        """The cosine and the L2 matrix of one group (the whole network by default)."""
         if group not in self.groups:
             raise TransferFastError(f"unknown group {group!r}: expected one of "
                                     f"{first_few(self.groups)}")
         g = self.groups.index(group)
-        plot_similarity(self.labels, self.cosine[g].tolist(), self.l2[g].tolist(), path,
-                        title=title or f"Fine-tuning updates, {group}")
+        # The one allowed upward import (only inside `plot`): figures live in report/.
+        from ..report.figures import save_figure, similarity_figure
+        fig = similarity_figure(self.labels, self.cosine[g].tolist(), self.l2[g].tolist(),
+                                title=title or f"Fine-tuning updates, {group}")
+        return save_figure(fig, path)
 
 
 def default_labels(sources: Sequence[StateSource]) -> list[str]:

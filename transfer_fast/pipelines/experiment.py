@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..errors import TransferFastError
 from ..io.checkpoints import load_state
+from ..io.files import write_csv, write_text
 from ..measure.features import FeatureStats, batchnorm_layers
 from ..measure.frechet import frechet_distance
 from ..measure.gap import bn_gap, intraclass_variance
@@ -62,11 +63,7 @@ def _claim(out: Path, cfg: dict) -> None:
     if out.is_dir() and any(out.iterdir()):
         raise TransferFastError(f"{out} is not empty and holds no experiment: choose another "
                                 "--out (or an empty folder)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        marker.write_text(wanted)
-    except OSError as exc:
-        raise TransferFastError(f"{out}: cannot write the run folder ({exc.strerror})") from exc
+    write_text(marker, wanted)  # makes the folder; an error names the marker file
 
 
 def _grid(cfg: dict) -> list[dict]:
@@ -175,10 +172,8 @@ def _measure_t(out: Path, runs: list[dict], pre, e: dict, progress: bool
         raise TransferFastError("every fine-tuning run failed: nothing to measure "
                                 f"(see the sidecars under {out / 'runs'})")
     manifest = out / "manifest.csv"
-    with open(manifest, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "run"])
-        w.writerows([str(Path(r["checkpoint"]).resolve()), r["run"]] for r in done)
+    write_csv(manifest, ["path", "run"],
+              [[str(Path(r["checkpoint"]).resolve()), r["run"]] for r in done])
     scan(manifest=manifest, random=pre.random, pretrained=pre.checkpoint, out=out / "scan",
          preset=e["preset"], metric=e["metric"], progress=progress)
     by_run = {r["run"]: r for r in runs}
@@ -247,7 +242,4 @@ RUN_COLUMNS = ("run", "task", "N", "seed", "lr", "status", "T", "G", "G_frechet"
 
 
 def _write_runs_csv(path: Path, runs: list[dict]) -> None:
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(RUN_COLUMNS)
-        w.writerows([r.get(c, "") for c in RUN_COLUMNS] for r in runs)
+    write_csv(path, RUN_COLUMNS, [[r.get(c, "") for c in RUN_COLUMNS] for r in runs])

@@ -8,18 +8,16 @@ Fréchet distance. Writes gap.json, bn_gap.csv and bn_gap.png into the output fo
 
 from __future__ import annotations
 
-import csv
-import json
 import warnings
 from pathlib import Path
 
 from ..errors import TransferFastError
 from ..io.datasets import batches, load_dataset
+from ..io.files import write_csv, write_json
 from ..measure.features import FeatureStats, batchnorm_layers
 from ..measure.frechet import frechet_distance
 from ..measure.gap import bn_gap, data_amount, intraclass_variance
 from ..ops.devices import resolve_device
-from ..report.plots import json_safe
 from ..train.models import infer_in_channels, load_model
 
 
@@ -74,17 +72,15 @@ def run_gap(model_path, arch: str, data_path, *, out="runs/gap", metric: str = "
             print(f"warning: {w.message}")
         result["G_frechet"] = fd.distance
         result["frechet"] = fd.to_dict()
-    (out / "gap.json").write_text(json.dumps(json_safe(result), indent=2) + "\n")
+    write_json(out / "gap.json", result)
     _print_summary(result, out)
     return result
 
 
 def _write_table(gap, path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["layer", "channels", f"gap_{gap.metric}"])
-        w.writerows([n, c, repr(v)] for n, c, v in zip(gap.layers, gap.channels, gap.values))
-        w.writerow(["mean", "", repr(gap.mean)])
+    rows = [[n, c, repr(v)] for n, c, v in zip(gap.layers, gap.channels, gap.values)]
+    write_csv(path, ["layer", "channels", f"gap_{gap.metric}"],
+              [*rows, ["mean", "", repr(gap.mean)]])
 
 
 def _print_summary(result: dict, out: Path) -> None:

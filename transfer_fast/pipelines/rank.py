@@ -25,6 +25,7 @@ from ..io.files import file_key, write_csv, write_json
 from ..measure.features import FeatureStats
 from ..measure.scores import ScoreStats
 from ..ops.devices import resolve_device
+from ..report.figures import save_figure, scores_figure
 from ..train.models import infer_in_channels, load_model
 
 SCORES = ("logme", "hscore", "regularized_hscore", "transrate", "nce", "leep")
@@ -139,9 +140,10 @@ def rank(candidates: list[Candidate], data: str | Path, *, out: str | Path,
     table = _write_table(out / "scores.csv", candidates, records)
     figure = None
     if plots and any(r.status == "ok" for r in records):
-        from ..report.scores import save_scores_figure
-
-        figure = save_scores_figure(records, out / "scores.png")
+        ok = [r for r in records if r.status == "ok"]
+        figure = save_figure(scores_figure([r.label for r in ok],
+                                           {s: [r.scores[s] for r in ok] for s in SCORES}),
+                             out / "scores.png")
     return RankResult(out, records, table, figure)
 
 

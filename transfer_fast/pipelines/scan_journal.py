@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import TransferFastError
-from ..train.resume import atomic_write
+from ..io.files import atomic_write
 
 RESULT_COLUMNS = ("group", "d_random", "d_pretrained", "T")
 SUMMARY_COLUMNS = ("overall_T", "status", "error", "seconds")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from ..measure.similarity import default_labels, similarity
-from ..report import plots as figures
+from ..report.figures import group_curves_figure, heatmap_figure, save_figure
 from .scan_journal import RunFolder
 
 # The pairwise view holds every member's update in memory: it is meant for a few dozen.
@@ -28,9 +28,10 @@ def write_outputs(folder: RunFolder, rows: list[dict], user_columns: list[str], 
     same = [(p, rec) for p, rec in ok if tuple(rec["groups"]) == groups]
     labels = default_labels([p for p, _ in same])
     values = [[float(v) for v in rec["T"]] for _, rec in same]
-    figures.plot_heatmap(labels, list(groups), values, folder.out / "T_heatmap.png",
-                        title=f"T per group, {len(same)} checkpoints")
-    figures.plot_group_curves(labels, list(groups), values, folder.out / "T_curves.png")
+    save_figure(heatmap_figure(labels, list(groups), values,
+                               title=f"T per group, {len(same)} checkpoints"),
+                folder.out / "T_heatmap.png")
+    save_figure(group_curves_figure(labels, list(groups), values), folder.out / "T_curves.png")
     if pairwise and len(same) >= 2:
         row_of = {r["path"]: r for r in rows}
         reference = row_of[same[0][0]]["pretrained"]

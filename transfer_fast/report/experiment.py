@@ -16,8 +16,15 @@ import statistics
 from pathlib import Path
 
 from ..errors import TransferFastError
+from ..io.files import write_json, write_text
 from ..measure.regression import fit_transferability_model
-from .plots import json_safe, plain_log_axes, pyplot
+from .figures import (
+    gap_and_amount_figure,
+    layerwise_figure,
+    model_fit_figure,
+    save_figure,
+    trajectories_figure,
+)
 
 
 def _mean(values) -> float:
@@ -47,67 +54,31 @@ def _ok(runs):
 
 
 def _figures(result, fig_dir: Path) -> dict[str, Path]:
-    plt = pyplot()
+    """The report's PNGs from the measured runs: per task and data amount, the mean T per
+    layer group; T against G and N; every run's overall T per epoch."""
     runs, tasks = _ok(result.runs), list(result.tasks)
     amounts = sorted({r["N"] for r in runs})
     body = [g for g in result.groups if g != result.classifier]
-    colors = {t: plt.get_cmap("tab10")(i % 10) for i, t in enumerate(tasks)}
-    shade = {n: plt.get_cmap("viridis")(i / max(1, len(amounts) - 1))
-             for i, n in enumerate(amounts)}
-    paths = {}
 
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.4), sharey=True,
-                             squeeze=False, layout="constrained")
-    for ax, task in zip(axes[0], tasks):
-        for n in amounts:
-            rows = [r for r in runs if r["task"] == task and r["N"] == n]
-            if rows:
-                ax.plot(range(len(body)), [_mean([r["T_groups"].get(g, math.nan)
-                                                  for r in rows]) for g in body],
-                        marker="o", ms=3, color=shade[n], label=f"N={n}")
-        ax.set_title(task)
-        ax.set_xticks(range(len(body)), body, rotation=90, fontsize=6)
-        ax.axhline(1.0, color="0.4", lw=0.7, ls=":")
-    axes[0][0].set_ylabel("T (mean over seeds)")
-    axes[0][-1].legend(fontsize=7)
-    paths["layerwise"] = _save(fig, fig_dir / "layerwise_T.png", plt)
+    def rows(task, n=None):
+        return [r for r in runs if r["task"] == task and (n is None or r["N"] == n)]
 
-    fig, (ax_g, ax_n) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
-    for task in tasks:
-        rows = [r for r in runs if r["task"] == task]
-        ax_g.scatter([r["G"] for r in rows], [r["T"] for r in rows], color=colors[task],
-                     s=[12 + 40 * amounts.index(r["N"]) / max(1, len(amounts) - 1) for r in rows],
-                     label=task, alpha=0.8)
-        means = [_mean([r["T"] for r in rows if r["N"] == n]) for n in amounts]
-        ax_n.plot(amounts, means, marker="o", color=colors[task], label=task)
-    ax_g.set(xlabel="domain gap G (BN statistics)", ylabel="T", yscale="log",
-             title="T against the domain gap (marker size: N)")
-    ax_n.set(xlabel="data amount N", ylabel="T (mean over seeds)", xscale="log", yscale="log",
-             title="T against the data amount")
-    ax_g.legend(fontsize=7)
-    plain_log_axes(ax_g, ax_n)
-    paths["t_vs_g_n"] = _save(fig, fig_dir / "T_vs_G_and_N.png", plt)
-
-    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    layerwise = {t: {n: [_mean([r["T_groups"].get(g, math.nan) for r in rows(t, n)])
+                         for g in body] for n in amounts if rows(t, n)} for t in tasks}
+    points = {t: [(r["G"], r["T"], r["N"]) for r in rows(t)] for t in tasks}
+    means = {t: [_mean([r["T"] for r in rows(t, n)]) for n in amounts] for t in tasks}
+    curves = []
     for r in runs:
-        if r.get("trajectory") and Path(r["trajectory"]).with_suffix(".json").exists():
-            traj = json.loads(Path(r["trajectory"]).with_suffix(".json").read_text())
-            overall = [float(v) for v in traj["overall"]]
-            ax.plot(traj["epochs"], overall, color=colors[r["task"]], lw=0.8, alpha=0.6)
-    for task in tasks:
-        ax.plot([], [], color=colors[task], label=task)
-    ax.set(xlabel="fine-tuning epoch", ylabel="overall T", yscale="log",
-           title="Transferability during fine-tuning (every run)")
-    ax.legend(fontsize=7)
-    plain_log_axes(ax)
-    paths["trajectories"] = _save(fig, fig_dir / "trajectories.png", plt)
-    return paths
-
-
-def _save(fig, path: Path, plt) -> Path:
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        path = Path(r["trajectory"]).with_suffix(".json") if r.get("trajectory") else None
+        if path and path.exists():
+            traj = json.loads(path.read_text())
+            curves.append((r["task"], traj["epochs"], [float(v) for v in traj["overall"]]))
+    return {"layerwise": save_figure(layerwise_figure(body, amounts, layerwise),
+                                     fig_dir / "layerwise_T.png"),
+            "t_vs_g_n": save_figure(gap_and_amount_figure(amounts, points, means),
+                                    fig_dir / "T_vs_G_and_N.png"),
+            "trajectories": save_figure(trajectories_figure(tasks, curves),
+                                        fig_dir / "trajectories.png")}
 
 
 def _verdict(holds: bool, fitted, term: str) -> str:
@@ -271,7 +242,6 @@ def _html(blocks, title: str) -> str:
 def write_report(result, cfg: dict, *, html: bool = False) -> None:
     """Figures under figures/, report.md, results.json, and report.html if asked."""
     fig_dir = result.out / "figures"
-    fig_dir.mkdir(exist_ok=True)
     runs = _ok(result.runs)
     notes = list(result.notes)
     fitted = None
@@ -285,14 +255,12 @@ def write_report(result, cfg: dict, *, html: bool = False) -> None:
     result.model = fitted
     figures = _figures(result, fig_dir)
     if fitted:
-        figures["fit"] = fig_dir / "model_fit.png"
-        fitted.plot(figures["fit"])
+        figures["fit"] = save_figure(model_fit_figure(fitted), fig_dir / "model_fit.png")
     blocks = _blocks(result, cfg, fitted, figures, notes)
-    result.report.write_text(_markdown(blocks, result.out))
+    write_text(result.report, _markdown(blocks, result.out))
     if html:
-        (result.out / "report.html").write_text(_html(blocks, cfg["experiment"]["name"]))
+        write_text(result.out / "report.html", _html(blocks, cfg["experiment"]["name"]))
     summary = {"runs": [{k: v for k, v in r.items() if k not in ("checkpoint", "trajectory")}
                         for r in result.runs],
                "tasks": result.tasks, "model": fitted.to_dict() if fitted else None}
-    (result.out / "results.json").write_text(json.dumps(json_safe(summary), indent=1,
-                                                        default=str) + "\n")
+    write_json(result.out / "results.json", summary)

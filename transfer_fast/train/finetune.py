@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 
 from ..errors import TransferFastError, check_labels
 from ..io.checkpoints import load_state
+from ..io.files import atomic_write, save_tensors, write_json
 from .batches import Batches, Data
-from .resume import atomic_write, rng_state, save_state, set_rng_state, write_json
+from .resume import rng_state, set_rng_state
 from .trajectory import Trajectory
 
 ModelFn = Callable[[], nn.Module]
@@ -302,7 +303,7 @@ class _Run:
         """Writes θ (when done), the trajectory, then the sidecar that marks the run ended."""
         checkpoint = f"{self.name}.safetensors" if status == "done" else None
         if checkpoint:
-            save_state(s["best"], self.out / checkpoint)
+            save_tensors(self.out / checkpoint, s["best"])
         if trajectory is not None:
             trajectory.save(self.out / "trajectory.json")
             trajectory.plot(self.out / "trajectory.png",
@@ -364,7 +365,7 @@ def pretrain(model_fn: ModelFn, train: Data, val: Data, *, out: str | Path, epoc
     if (done := run.finished()) is not None:
         return done
     if not run.resuming:
-        save_state(model.state_dict(), run.out / _RANDOM)
+        save_tensors(run.out / _RANDOM, model.state_dict())
         write_json(run.out / "random.json", {
             "kind": "random", "config": run.config, "seed": seed,
             "classes": linear.out_features, "N": run.train_set.n,

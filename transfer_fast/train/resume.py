@@ -1,39 +1,11 @@
-"""What a training run writes: atomic files, checkpoints, and every RNG state it resumes."""
+"""Every RNG state a training run resumes (its files are written through io.files)."""
 
 from __future__ import annotations
 
-import json
-import os
 import random as pyrandom
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp), fsync, rename over `path`: a kill leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:  # a failed write (a full disk) leaves no stray temporary behind
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def save_state(state: dict[str, torch.Tensor], path: Path) -> None:
-    # A copy per tensor: safetensors refuses tied (shared) tensors and strided layouts.
-    cpu = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
-           for k, v in state.items()}
-    atomic_write(path, lambda p: save_file(cpu, str(p)))
 
 
 def rng_state(generator: torch.Generator | None) -> dict:

@@ -11,21 +11,19 @@ distance to θA worth measuring.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from ..errors import TransferFastError
+from ..io.files import write_json
 from ..measure.plan import Plan, make_plan
 from ..measure.transferability import (
     TransferabilityResult,
     check_metric,
     transferability_from_states,
 )
-from ..report.plots import json_safe, pyplot
 
 _LABELS = ["random (θr)", "pretrained (θA)", "fine-tuning model"]
 
@@ -106,31 +104,12 @@ class Trajectory:
                 "preset": self.plan.preset, **self.records(),
                 "excluded": dict(self.plan.excluded)}
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(json_safe(self.to_dict()), indent=2) + "\n")
+    def save(self, path: str | Path) -> Path:
+        """to_dict() as strict JSON (inf/nan as strings), atomically."""
+        return write_json(path, self.to_dict())
 
-    def plot(self, path: str | Path, title: str | None = None) -> None:
+    def plot(self, path: str | Path, title: str | None = None) -> Path:
         """T per group against the epoch, coloured by depth; the overall mean thick, black."""
-        from matplotlib.ticker import MaxNLocator
-
-        plt = pyplot()
-        groups = self.plan.groups
-        fig, ax = plt.subplots(figsize=(7.0, 4.5), layout="constrained")
-        cmap = plt.get_cmap("viridis")
-        for g, name in enumerate(groups):
-            column = [row[g] if math.isfinite(row[g]) else math.nan for row in self.values]
-            ax.plot(self.epochs, column, color=cmap(g / max(1, len(groups) - 1)), lw=1,
-                    label=name if len(groups) <= 12 else None)
-        ax.plot(self.epochs, self.overall, color="black", lw=2.5, label="overall")
-        ax.axhline(1.0, color="0.3", lw=0.8, ls=":")
-        if len(groups) > 12:  # a legend that long hides the plot: a depth colour bar instead
-            bar = fig.colorbar(plt.cm.ScalarMappable(cmap=cmap), ax=ax, ticks=[0, 1])
-            bar.ax.set_yticklabels([groups[0], groups[-1]])
-            bar.set_label("group, by depth")
-        ax.legend(loc="best", fontsize=7, ncol=2)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("fine-tuning epoch")
-        ax.set_ylabel(f"T = D(r,B) / D(A,B)   [{self.metric}]")
-        ax.set_title(title or "Transferability during fine-tuning")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        # The one allowed upward import (only inside `plot`): figures live in report/.
+        from ..report.figures import save_figure, trajectory_figure
+        return save_figure(trajectory_figure(self, title=title), path)
