@@ -313,3 +313,13 @@ def test_exceptions_work_reports_a_crash_as_such(monkeypatch):
     ok, why = _library.exceptions_work()
     _library.exceptions_work.cache_clear()
     assert not ok and "SIGSEGV" in why and "CXX=g++" in why
+
+
+def test_a_fifo_is_refused_not_waited_on(ckpts, tmp_path):
+    r, a, paths = ckpts
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(TransferFastError, match="pipe.safetensors: not a regular file"):
+        StreamedCheckpoint(fifo)
+    with pytest.raises(TransferFastError, match="not regular files.*pipe.safetensors"):
+        scan([fifo], random=r, pretrained=a, out=tmp_path / "run", progress=False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,19 @@ def _entry(path, name: str, info, data_size: int) -> tuple[torch.dtype, tuple, t
     return DTYPES[code], tuple(shape), (begin, end)
 
 
+def open_regular(path: str | Path) -> int:
+    """A read-only descriptor of the regular file `path`. O_NONBLOCK keeps a FIFO or a
+    device from blocking the open; anything but a regular file is refused."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise TransferFastError(f"{path}: cannot open ({exc.strerror})") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TransferFastError(f"{path}: not a regular file")
+    return fd
+
+
 def parse_header(fd: int, path: str | Path, size: int | None = None) -> Header:
     """The validated header of the open file `fd` (named `path` in messages)."""
     size = os.fstat(fd).st_size if size is None else size
@@ -153,10 +167,7 @@ def parse_header(fd: int, path: str | Path, size: int | None = None) -> Header:
 def read_header(path: str | Path) -> Header:
     """The validated header of the file at `path`; TransferFastError naming it otherwise."""
     path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise TransferFastError(f"{path}: cannot open ({exc.strerror})") from exc
+    fd = open_regular(path)
     try:
         return parse_header(fd, path)
     finally:
@@ -203,11 +214,13 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor]:
     while it is read raises TransferFastError instead of killing the process. A file
     changed while it was read (size or modification time) is refused too.
     """
+    return load_with_metadata(path)[0]
+
+
+def load_with_metadata(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, `__metadata__`) of a .safetensors file, read as `load_file` does."""
     path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise TransferFastError(f"{path}: cannot open ({exc.strerror})") from exc
+    fd = open_regular(path)
     try:
         before = os.fstat(fd)
         header = parse_header(fd, path, before.st_size)
@@ -220,6 +233,6 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor]:
         after = os.fstat(fd)
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             raise TransferFastError(f"{path}: changed while it was read; read it again")
-        return state
+        return state, dict(header.metadata)
     finally:
         os.close(fd)

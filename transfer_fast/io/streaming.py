@@ -29,7 +29,7 @@ import torch
 
 from ..errors import TransferFastError
 from .checkpoints import load_state, strip_module_prefix
-from .safetensors import parse_header, pread_into
+from .safetensors import open_regular, parse_header, pread_into
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,7 @@ class StreamedCheckpoint:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            self._file = open(self.path, "rb")  # closed by close()
-        except OSError as exc:
-            raise TransferFastError(f"{self.path}: cannot open ({exc.strerror})") from exc
+        self._file = os.fdopen(open_regular(self.path), "rb")  # closed by close()
         self._fd = self._file.fileno()
         self._spans: dict[str, _Span] = {}
         self._memory: dict[str, torch.Tensor] = {}  # tensors read whole

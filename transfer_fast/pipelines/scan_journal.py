@@ -172,10 +172,13 @@ def validate_rows(rows: list[ScanRow]) -> None:
         if lacking:
             problems.append(f"no {role} set for {first_few(lacking, 3)}: give --{role} or a "
                             f"'{role}' column")
-    missing = sorted({p for row in rows for p in (row.path, row.random, row.pretrained)
-                      if p is not None and not Path(p).is_file()})
+    named = {p for row in rows for p in (row.path, row.random, row.pretrained) if p is not None}
+    missing = sorted(p for p in named if not Path(p).exists())
     if missing:
         problems.append(f"{len(missing)} file(s) do not exist: {first_few(missing)}")
+    odd = sorted(p for p in named if Path(p).exists() and not Path(p).is_file())
+    if odd:
+        problems.append(f"not regular files: {first_few(odd)}")
     if problems:
         raise TransferFastError("bad scan input: " + "; ".join(problems))
 
