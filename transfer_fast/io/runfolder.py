@@ -130,8 +130,8 @@ def claim(out: str | Path, config: Mapping, *, marker: str = "config.json",
             diff += [f"{k}: {_short(v)} then, absent now" for k, v in old.items()
                      if k not in wanted]
             if diff:
-                raise TransferFastError(f"{out} holds a run made with other options "
-                                        f"({'; '.join(diff)}); {_FRESH}")
+                raise TransferFastError(f"{out} holds a run of another config, made with "
+                                        f"other options ({'; '.join(diff)}); {_FRESH}")
         else:
             write_json(marker_path, wanted)
     except BaseException:
