@@ -80,6 +80,16 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _differences(old, new, where: str = "") -> list[str]:
+    """'key: old then, new now' for every differing leaf (nested objects by dotted key)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in list(new) + [k for k in old if k not in new]
+                for d in _differences(old.get(k), new.get(k), f"{where}{k}.")]
+    if old == new:
+        return []
+    return [f"{where.rstrip('.')}: {_short(old)} then, {_short(new)} now"]
+
+
 def read_marker(marker: Path) -> dict:
     """The JSON object in `marker`; TransferFastError naming it when it is not one."""
     try:
@@ -125,10 +135,7 @@ def claim(out: str | Path, config: Mapping, *, marker: str = "config.json",
     try:
         if marker_path.exists():
             old = read_marker(marker_path)
-            diff = [f"{k}: {_short(old.get(k))} then, {_short(v)} now"
-                    for k, v in wanted.items() if old.get(k) != v]
-            diff += [f"{k}: {_short(v)} then, absent now" for k, v in old.items()
-                     if k not in wanted]
+            diff = _differences(old, wanted)
             if diff:
                 raise TransferFastError(f"{out} holds a run of another config, made with "
                                         f"other options ({'; '.join(diff)}); {_FRESH}")
