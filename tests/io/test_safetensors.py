@@ -70,6 +70,7 @@ HOSTILE = [  # (header, data, message): every case names the file
     ({"a": {**F32x2, "shape": [True, 2]}}, b"\0" * 8, "shape"),
     ({"a": {**F32x2, "shape": [-2]}}, b"\0" * 8, "shape"),
     ({"a": {**F32x2, "shape": [3]}}, b"\0" * 8, "needs 12 bytes"),
+    ({"a": {**F32x2, "shape": [2**40, 2**40, 0], "data_offsets": [0, 0]}}, b"", "overflows"),
     ({"a": {**F32x2, "dtype": "Q7"}}, b"\0" * 8, "tensor 'a'.*unknown dtype 'Q7'"),
     ({"a": {**F32x2, "dtype": "F4", "shape": [16]}}, b"\0" * 8, "tensor 'a'.*F4"),
     ({"a": {"dtype": "F32", "shape": [2]}}, b"\0" * 8, "tensor 'a'.*no data_offsets"),

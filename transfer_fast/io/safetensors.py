@@ -94,6 +94,8 @@ def _entry(path, name: str, info, data_size: int) -> tuple[torch.dtype, tuple, t
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(_natural(x) for x in offsets)):
         raise _bad(path, f"{where}: data_offsets {offsets!r} are not two non-negative integers")
+    if math.prod(max(d, 1) for d in shape) * DTYPE_BITS[code] // 8 >= 2**63:
+        raise _bad(path, f"{where}: shape {shape} overflows 64-bit sizes")  # even if empty
     begin, end = offsets
     if begin > end:
         raise _bad(path, f"{where}: data_offsets [{begin}, {end}] begin after they end")
