@@ -6,13 +6,20 @@ Switches (environment):
                               nvcc is found.
   TORCH_CUDA_ARCH_LIST        CUDA architectures, default "8.0;9.0".
   TRANSFER_FAST_CPU_ISA       "avx2" or "generic"; default: what the build host supports.
-The decisions are printed first and written to transfer_fast/_build_info.json,
-which `transfer-fast info` reports.
+  CXX / CC                    the compilers; prefer the distribution's (CXX=g++ CC=gcc):
+                              a wrapper script can break C++ exceptions, and then every
+                              error inside a kernel kills the process (a segfault).
+The decisions (compilers included) are printed first and written to
+transfer_fast/_build_info.json, which `transfer-fast info` reports; a compiler that
+does not look like the system's is warned about again after the build.
 """
 
 import glob
 import json
 import os
+import shutil
+import subprocess
+import sysconfig
 
 import torch
 from setuptools import setup
@@ -56,6 +63,49 @@ def cpu_isa_decision() -> tuple[str, str]:
     return "generic", "the build host lacks AVX2/FMA/F16C"
 
 
+def compiler_decision() -> dict:
+    """For CXX and CC: the command the build uses, its resolved path and version, and
+    whether it looks like the system compiler (a binary under /usr/bin or /bin, not a
+    script)."""
+    found = {}
+    # What torch's BuildExtension runs: $CXX or c++ for C++ (the linker too), and the
+    # interpreter's configured C compiler unless $CC is set.
+    for var, default in (("CXX", "c++"), ("CC", sysconfig.get_config_var("CC") or "cc")):
+        command = os.environ.get(var) or default
+        exe = shutil.which(command.split()[0]) if command.split() else None
+        real = os.path.realpath(exe) if exe else None
+        try:
+            with open(real, "rb") as f:
+                script = f.read(2) == b"#!"
+            out = subprocess.run([real, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+            version = (out.splitlines() or ["?"])[0]
+        except (OSError, TypeError, subprocess.SubprocessError):
+            script, version = False, "unknown"
+        system = bool(real) and not script and real.startswith(("/usr/bin/", "/bin/"))
+        found[var] = {"command": command, "path": real, "version": version, "system": system}
+    return found
+
+
+def compiler_warnings(compilers: dict) -> list:
+    return [f"{var}={c['command']} ({c['path'] or 'not found'}) is not the system compiler; "
+            "a wrapper can break C++ exceptions, turning every kernel error into a crash. "
+            "`transfer-fast info` checks it; if it reports a problem, rebuild with "
+            "CXX=g++ CC=gcc" for var, c in compilers.items() if not c["system"]]
+
+
+COMPILERS = compiler_decision()
+
+
+class BuildExtensionChecked(BuildExtension):
+    """BuildExtension that repeats the compiler warning after the build's long log."""
+
+    def run(self):
+        super().run()
+        for warning in compiler_warnings(COMPILERS):
+            print(f"warning: {warning}")
+
+
 def extension():
     with_cuda, cuda_why = cuda_decision()
     cpu_isa, isa_why = cpu_isa_decision()
@@ -73,9 +123,12 @@ def extension():
     else:
         ext = CppExtension("transfer_fast._C", sources, **kwargs)
     info = {"torch": torch.__version__, "cpu_isa": cpu_isa, "cuda": with_cuda,
-            "cuda_archs": archs, "cuda_reason": cuda_why}
+            "cuda_archs": archs, "cuda_reason": cuda_why, "compilers": COMPILERS}
     print("transfer_fast build configuration:")
     print(f"  torch        {torch.__version__}")
+    for var, c in COMPILERS.items():
+        mark = "" if c["system"] else "  (not the system compiler: see the warning below)"
+        print(f"  {var:<12} {c['command']} -> {c['path']}, {c['version']}{mark}")
     print(f"  CPU kernels  yes, {cpu_isa} vectors ({isa_why})")
     print(f"  CUDA kernels {'yes, archs ' + archs if with_cuda else 'no'} ({cuda_why})")
     with open(os.path.join("transfer_fast", "_build_info.json"), "w") as f:
@@ -85,6 +138,6 @@ def extension():
 
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildExtensionChecked},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

@@ -91,7 +91,10 @@ def no_bn_net(num_classes=10):
 def test_model_without_batchnorm_names_the_alternative(files, tmp_path, capsys):
     save_file({k: v.contiguous() for k, v in no_bn_net().state_dict().items()},
               str(tmp_path / "plain.safetensors"))
-    code, err = run_cli(["gap", "--model", str(tmp_path / "plain.safetensors"),
-                         "--arch", f"{__name__}:no_bn_net", "--data", str(files / "down.npz"),
-                         "--out", str(tmp_path / "o")], capsys)
+    args = ["gap", "--model", str(tmp_path / "plain.safetensors"), "--arch",
+            f"{__name__}:no_bn_net", "--data", str(files / "down.npz"), "--out",
+            str(tmp_path / "o")]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "--allow-code" in err  # user code is imported only on request
+    code, err = run_cli([*args, "--allow-code"], capsys)
     assert code == 2 and "--reference-stats" in err

@@ -170,6 +170,7 @@ def test_npz_channel_conversion(tmp_path):
     ({"x": NCHW, "y": LABELS[:, None]}, "expected integer labels"),
     ({"x": NCHW, "y": LABELS[:4]}, "4 labels for 5 images"),
     ({"x": NCHW, "y": LABELS - 1}, "negative labels"),
+    ({"x": NCHW, "y": LABELS + 10**9}, "label of 1000000002.*classes are not supported"),
     ({"x": NCHW[:, 0, 0], "y": LABELS}, r"x has shape \(5, 8\)"),
     ({"x": NCHW[:, :, :, :, None], "y": LABELS}, "x has shape"),
     ({"x": NCHW[:0], "y": LABELS[:0]}, "no images"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import traceback
@@ -41,9 +42,26 @@ def _cmd_scan(args) -> int:
     return 0
 
 
+def _allow_user_code(archs, allowed: bool) -> None:
+    """`package.module:function` architectures import the user's code: only with
+    --allow-code, said aloud, and from the working folder for `python -m` and the
+    console script alike."""
+    code = sorted({a for a in archs if a and ":" in a})
+    if not code:
+        return
+    if not allowed:
+        raise TransferFastError(f"--arch {code[0]} imports code from your environment: add "
+                                "--allow-code to allow it")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for arch in code:
+        print(f"importing user architecture {arch} (--allow-code)")
+
+
 def _cmd_gap(args) -> int:
     from .pipelines.gap_run import run_gap
 
+    _allow_user_code([args.arch], args.allow_code)
     run_gap(args.model, args.arch, args.data, out=args.out, metric=args.metric,
             batch_size=args.batch_size, image_size=args.image_size,
             reference_stats=args.reference_stats, save_stats=args.save_stats,
@@ -58,12 +76,7 @@ def _cmd_rank(args) -> int:
         raise TransferFastError("give candidate models either as paths or as --manifest")
     candidates = (read_manifest(args.manifest, args.arch) if args.manifest
                   else candidates_from_paths(args.models, args.arch))
-    code = sorted({c.arch for c in candidates if ":" in c.arch})
-    if code and not args.allow_code:
-        raise TransferFastError(f"--arch {code[0]} imports code from your environment: add "
-                                "--allow-code to allow it")
-    for arch in code:
-        print(f"importing user architecture {arch}")
+    _allow_user_code([c.arch for c in candidates], args.allow_code)
     result = rank(candidates, args.data, out=args.out, batch_size=args.batch_size,
                   image_size=args.image_size, device=args.device, backend=args.backend,
                   plots=not args.no_plots, progress=not args.no_progress)
@@ -79,7 +92,9 @@ def _cmd_experiment(args) -> int:
     from .pipelines.experiment import run_experiment
 
     return _report_outcome(run_experiment(args.config, args.out, html=args.html,
-                                          progress=not args.no_progress))
+                                          progress=not args.no_progress,
+                                          allow_code=args.allow_code,
+                                          allow_large=args.allow_large))
 
 
 def _report_outcome(result) -> int:
@@ -114,6 +129,9 @@ def _cmd_info(args) -> int:
     print(f"torch         {torch.__version__} (CUDA {torch.version.cuda or 'none'}, "
           f"GPU {'present' if torch.cuda.is_available() else 'absent'})")
     print(f"compiled      {'loaded' if _ext.loaded else 'not loaded: ' + _ext.reason}")
+    if _ext.loaded:
+        ok, why = _ext.exceptions_work()
+        print(f"exceptions    {'ok' if ok else 'BROKEN'}: {why}")
     if build:
         print(f"built with    torch {build['torch']}, CPU vectors {build['cpu_isa']}, CUDA "
               f"{'archs ' + str(build['cuda_archs']) if build['cuda'] else 'no'} "
@@ -211,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--backend", default="auto", choices=BACKENDS)
     g.add_argument("--no-plots", action="store_true", help="tables only, no PNG")
+    g.add_argument("--allow-code", action="store_true",
+                   help="allow --arch package.module:function to import your code")
     g.set_defaults(func=_cmd_gap)
 
     rk = sub.add_parser("rank", parents=[common],
@@ -244,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder (default runs/<experiment.name>); rerunning resumes")
     x.add_argument("--html", action="store_true", help="also one self-contained report.html")
     x.add_argument("--no-progress", action="store_true", help="no progress bars")
+    x.add_argument("--allow-code", action="store_true",
+                   help="allow model.arch = 'package.module:function' to import your code")
+    x.add_argument("--allow-large", action="store_true",
+                   help="allow a grid beyond the documented limits of runs and memory")
     x.set_defaults(func=_cmd_experiment)
 
     i = sub.add_parser("info", parents=[common],

@@ -7,6 +7,7 @@ the paper's preprocessing (PAPER.md section 4): pixels in [0, 1], then
 
 from __future__ import annotations
 
+import math
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -27,6 +28,13 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 # Pillow's "L" conversion (ITU-R 601-2 luma), so npz and folder data turn grey alike.
 _LUMA = (0.299, 0.587, 0.114)
 _CHUNK = 256  # images converted at a time: bounds the float temporaries of an .npz
+# Sizes taken from a file are checked against these before anything is allocated:
+# a single label of 10**9 would otherwise ask for a list of 10**9 class names, and an
+# .npz header can declare an array far larger than the file holds.
+MAX_CLASSES = 100_000  # labels must lie in [0, MAX_CLASSES); ImageNet-21k has 21,841
+MAX_IMAGE_SIDE = 4096  # image_size, and the side of the images an .npz holds
+MAX_DATASET_BYTES = 64 << 30  # the float32 images (N, C, H, W) held in memory
+_NPZ_ARRAYS = ("x", "y", "classes")  # the only arrays read; others stay in the file
 
 
 @dataclass
@@ -66,8 +74,9 @@ def load_dataset(path: str | Path, *, image_size: int | None = None,
     """
     path = Path(path)
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or image_size < 1):
-        raise TransferFastError(f"image_size must be a positive integer, got {image_size!r}")
+                                   or not 1 <= image_size <= MAX_IMAGE_SIDE):
+        raise TransferFastError(f"image_size must be an integer in 1..{MAX_IMAGE_SIDE}, got "
+                                f"{image_size!r}")
     if channels not in (None, 1, 3):
         raise TransferFastError(f"channels must be 1 or 3, got {channels!r}")
     if not path.exists():
@@ -77,6 +86,20 @@ def load_dataset(path: str | Path, *, image_size: int | None = None,
     if path.suffix.lower() == ".npz":
         return _load_npz(path, image_size, channels)
     raise TransferFastError(f"{path}: expected a folder of class subfolders or an .npz file")
+
+
+def dataset_bytes(path: str | Path) -> int:
+    """Roughly the bytes of float32 images `load_dataset(path)` would hold, from the
+    .npz headers or the folder's file list alone (0 when it cannot tell)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return len(_image_files(path)) * 3 * DEFAULT_IMAGE_SIZE ** 2 * 4
+        with zipfile.ZipFile(path) as z:
+            shape, _, _ = _npy_header(z, "x.npy")
+        return math.prod(shape) * 4
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return 0
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -99,6 +122,7 @@ def _load_folder(root: Path, size: int, channels: int | None) -> LoadedData:
         raise TransferFastError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its "
                                 f"class subfolders {first_few(classes)}")
     mode, c = ("L", 1) if channels == 1 else ("RGB", 3)
+    _check_bytes(root, (len(files), c, size, size))
     # One allocation up front; unreadable files leave unused rows at the end.
     x = torch.empty((len(files), c, size, size), dtype=torch.float32)
     y = torch.empty(len(files), dtype=torch.int64)
@@ -135,18 +159,56 @@ def _load_folder(root: Path, size: int, channels: int | None) -> LoadedData:
     return LoadedData(x, y[:n], classes, skipped, str(root))
 
 
+def _check_bytes(path: Path, shape: tuple[int, ...]) -> None:
+    """Refuses float32 images of `shape` beyond MAX_DATASET_BYTES, before allocating them."""
+    nbytes = math.prod(shape) * 4
+    if nbytes > MAX_DATASET_BYTES:
+        raise TransferFastError(f"{path}: {shape[0]} images of {tuple(shape[1:])} would take "
+                                f"{nbytes / 2**30:.1f} GiB as float32, more than the "
+                                f"{MAX_DATASET_BYTES >> 30} GiB allowed")
+
+
+def _npy_header(z: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, uncompressed bytes stored) of one array, from its header alone."""
+    info = z.getinfo(member)
+    with z.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"{member}: .npy format version {version} is not supported")
+        return shape, dtype, info.file_size - f.tell()
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of the file; pickled (object) arrays are refused, never run."""
+    """The arrays x, y and classes of the file; pickled (object) arrays are refused,
+    never run; each array's header is checked against the bytes the file stores and
+    MAX_DATASET_BYTES before numpy allocates it."""
     try:
+        with zipfile.ZipFile(path) as z:
+            members = {m.removesuffix(".npy"): m for m in z.namelist()}
+            missing = [k for k in ("x", "y") if k not in members]
+            if missing:
+                raise TransferFastError(f"{path}: no array {first_few(missing)} (it holds "
+                                        f"{first_few(members) or 'nothing'}); expected x and y")
+            for key in (k for k in _NPZ_ARRAYS if k in members):
+                shape, dtype, stored = _npy_header(z, members[key])
+                nbytes = math.prod(shape) * dtype.itemsize
+                if nbytes > MAX_DATASET_BYTES:
+                    raise TransferFastError(f"{path}: array {key} of shape {shape} would take "
+                                            f"{nbytes / 2**30:.1f} GiB, more than the "
+                                            f"{MAX_DATASET_BYTES >> 30} GiB allowed")
+                if not dtype.hasobject and nbytes > stored:
+                    raise TransferFastError(f"{path}: array {key} declares {nbytes} bytes but "
+                                            f"the file stores {stored} (truncated?)")
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+            return {k: z[k] for k in _NPZ_ARRAYS if k in z.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, TransferFastError):
+            raise
         raise TransferFastError(f"{path}: unreadable .npz ({type(exc).__name__}: {exc})") from exc
-    missing = [k for k in ("x", "y") if k not in arrays]
-    if missing:
-        raise TransferFastError(f"{path}: no array {first_few(missing)} (it holds "
-                                f"{first_few(arrays) or 'nothing'}); expected x and y")
-    return arrays
 
 
 def _nchw(x: np.ndarray, path: Path) -> tuple[np.ndarray, bool]:
@@ -178,6 +240,9 @@ def _check_npz(path: Path, x: np.ndarray, y: np.ndarray, names: np.ndarray | Non
         problem = f"y has {len(y)} labels for {len(x)} images in x"
     elif y.min() < 0:
         problem = f"y has negative labels (smallest {y.min()}): expected 0, 1, ..."
+    elif y.max() >= MAX_CLASSES:
+        problem = (f"y has a label of {y.max()}: labels index classes, and more than "
+                   f"{MAX_CLASSES} classes are not supported")
     elif names is not None and (names.ndim != 1 or len(names) <= y.max()):
         problem = f"classes has {names.size} names but the labels in y go up to {y.max()}"
     if problem:
@@ -192,6 +257,10 @@ def _load_npz(path: Path, size: int | None, channels: int | None) -> LoadedData:
     _check_npz(path, x, y, names)
     c, h, w = (x.shape[3], *x.shape[1:3]) if channels_last else x.shape[1:]
     out_hw = (size, size) if size else (h, w)
+    if max(h, w) > MAX_IMAGE_SIDE:
+        raise TransferFastError(f"{path}: images of {h}x{w} pixels: more than "
+                                f"{MAX_IMAGE_SIDE} on a side is not supported")
+    _check_bytes(path, (len(x), max(c, channels or c), *out_hw))
     out = torch.empty((len(x), c, *out_hw), dtype=torch.float32)
     for start in range(0, len(x), _CHUNK):
         chunk = torch.from_numpy(np.ascontiguousarray(x[start:start + _CHUNK])).float()

@@ -2,120 +2,177 @@
 
 A scan never holds a whole fine-tuned checkpoint: it asks for element ranges of
 one tensor at a time and reuses its buffers, so its memory stays bounded by what is
-in flight, whatever the number of checkpoints. A .safetensors file is read with
-`pread` from the offsets in its header (parsed here: no mapping, no page faults,
-nothing left resident). A .pt/.pth/.bin file is opened with `torch.load(mmap=True,
-weights_only=True)`; ranges are copied out of the map and its pages given back.
+in flight, whatever the number of checkpoints. Every read is a `pread` from the one
+descriptor opened at the start, at offsets checked against the file's size:
+
+- .safetensors: the offsets of the validated header (io/safetensors.py);
+- .pt/.pth/.bin (zip format): the pickle is read by `torch.load(weights_only=True)`
+  onto the meta device, which yields each storage's offset in the file and no data;
+- legacy (pre-zip) torch files, big-endian files and the odd tensor whose elements
+  are not contiguous in its storage are read into memory whole.
+
+There is no memory map, so a file truncated or rewritten under a scan gives a
+TransferFastError naming it (a failed row), never a SIGBUS; `changed()` tells
+whether the file was modified since it was opened.
 """
 
 from __future__ import annotations
 
-import ctypes
-import json
-import mmap
 import os
-import struct
 import sys
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import TransferFastError
 from .checkpoints import load_state, strip_module_prefix
-
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-_PAGE = mmap.PAGESIZE
-_MADV_DONTNEED = 4  # Linux: for a clean file map it only drops the process's page tables
-_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+from .safetensors import open_regular, parse_header, pread_into
 
 
-def _drop_pages(address: int, length: int) -> None:
-    """madvise(DONTNEED) over the whole pages inside [address, address + length)."""
-    if _LIBC is None:
-        return
-    first = (address + _PAGE - 1) // _PAGE * _PAGE
-    last = (address + length) // _PAGE * _PAGE
-    if last > first:
-        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+@dataclass(frozen=True)
+class _Span:
+    """Where a contiguous tensor's elements lie in the file."""
+
+    offset: int  # byte offset of element 0
+    dtype: torch.dtype
+    numel: int
 
 
 class StreamedCheckpoint:
-    """One checkpoint file: `shapes`, `meta` tensors for planning, `read` of ranges."""
+    """One checkpoint file: `shapes`, `meta` tensors for planning, `read` of ranges.
+
+    `key` ([resolved path, size, mtime_ns], taken from the open descriptor) is what
+    results are recorded under; a file replaced during the scan is measured again
+    next time rather than recorded under the new key."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._fd: int | None = None
-        self._offsets: dict[str, int] = {}  # safetensors: file offset of each tensor
-        self._tensors: dict[str, torch.Tensor] = {}  # .pt: views of the torch.load map
-        self._file_backed = False  # whether the .pt tensors live in a file map
-        st = os.stat(self.path)
-        # What results are keyed by, taken at open: a file replaced during the scan is
-        # measured again next time rather than recorded under the new key.
-        self.key = [str(self.path), st.st_size, st.st_mtime_ns]
-        if self.path.suffix == ".safetensors":
-            try:
-                self._meta = self._open_safetensors(st.st_size)
-            except Exception:
-                self.close()  # no descriptor left behind by a bad file
-                raise
-        else:
-            self._tensors = self._open_torch()
-            self._meta = {n: t.to("meta") for n, t in self._tensors.items()}
-        self._meta = strip_module_prefix(self._meta)
-        self._tensors = strip_module_prefix(self._tensors)
-        self._offsets = strip_module_prefix(self._offsets)
-        self.shapes = {n: tuple(t.shape) for n, t in self._meta.items()}
-
-    def _open_torch(self) -> dict[str, torch.Tensor]:
+        self._file = os.fdopen(open_regular(self.path), "rb")  # closed by close()
+        self._fd = self._file.fileno()
+        self._spans: dict[str, _Span] = {}
+        self._memory: dict[str, torch.Tensor] = {}  # tensors read whole
+        self._pending: dict[str, tuple[int, torch.Tensor]] = {}  # strided: (offset, meta)
         try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-            state = load_state(obj if isinstance(obj, dict) else {})
-            self._file_backed = True
-            return state
-        except Exception:  # not mmap-able (legacy format) or bad: load_state explains
-            return load_state(self.path)
+            st = os.fstat(self._fd)
+            self.key = [str(self.path.resolve()), st.st_size, st.st_mtime_ns]
+            if self.path.suffix == ".safetensors":
+                meta = self._open_safetensors(st.st_size)
+            else:
+                meta = self._open_torch(st.st_size)
+        except BaseException:
+            self.close()  # no descriptor left behind by a bad file
+            raise
+        self._meta = meta
+        self.shapes = {n: tuple(t.shape) for n, t in meta.items()}
+
+    # -- opening ------------------------------------------------------------------------
 
     def _open_safetensors(self, size: int) -> dict[str, torch.Tensor]:
-        fd = os.open(self.path, os.O_RDONLY)
-        self._fd = fd
-        head = os.pread(fd, 8, 0)
-        if len(head) < 8:
-            raise TransferFastError(f"{self.path}: truncated safetensors file (no header)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8:
-            raise TransferFastError(f"{self.path}: truncated safetensors header")
-        try:
-            header = json.loads(os.pread(fd, header_len, 8))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise TransferFastError(f"{self.path}: unreadable safetensors header") from exc
-        if not isinstance(header, dict):
-            raise TransferFastError(f"{self.path}: unreadable safetensors header")
-        data_start = 8 + header_len
-        return {name: self._entry(name, info, data_start, size)
-                for name, info in header.items() if name != "__metadata__"}
+        header = parse_header(self._fd, self.path, size)
+        # DataParallel's 'module.' prefix goes, as load_state drops it (the .pt routes
+        # below go through load_state itself).
+        names = dict(zip(strip_module_prefix(dict.fromkeys(header.names)), header.names))
+        meta = {}
+        for name, stored in names.items():
+            dtype, shape = header.dtypes[stored], header.shapes[stored]
+            meta[name] = torch.empty(shape, dtype=dtype, device="meta")
+            self._spans[name] = _Span(header.offsets[stored][0], dtype, meta[name].numel())
+        return meta
 
-    def _entry(self, name: str, info, data_start: int, size: int) -> torch.Tensor:
+    def _open_torch(self, size: int) -> dict[str, torch.Tensor]:
+        if not zipfile.is_zipfile(self._file) or not self._little_endian():
+            return self._open_in_memory()
+        self._file.seek(0)
+        state = self._meta_state()
+        if state is None:  # a torch that gives no storage offsets: read it whole
+            return self._open_in_memory()
+        stored = self._stored_records()
+        for name, t in state.items():
+            storage = t.untyped_storage()
+            base = storage._checkpoint_offset
+            item = t.element_size()
+            span = (t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+                    + 1) * item if t.numel() else 0
+            if (t.numel() and (min(t.stride(), default=1) < 0 or span > storage.nbytes()
+                               or base + storage.nbytes() > size)) or base not in stored:
+                raise TransferFastError(f"{self.path}: tensor {name!r} lies outside the data "
+                                        "stored in the file (truncated or corrupt)")
+            if t.is_contiguous():
+                self._spans[name] = _Span(base + t.storage_offset() * item, t.dtype, t.numel())
+            else:
+                self._pending[name] = (base, t)
+        return {n: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+                for n, t in state.items()}
+
+    def _little_endian(self) -> bool:
+        """Whether the zip's storages are in this machine's byte order (pread cannot swap)."""
         try:
-            dtype = _DTYPES.get(info.get("dtype"))
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise TransferFastError(f"{self.path}: corrupt safetensors entry {name!r}") from exc
-        if dtype is None:  # a dtype torch lacks: not floating, so never compared
-            return torch.empty(shape, dtype=torch.uint8, device="meta")
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - begin != numel * dtype.itemsize or data_start + end > size:
-            raise TransferFastError(f"{self.path}: truncated or corrupt safetensors file "
-                                    f"(tensor {name!r} lies past the end of the data)")
-        self._offsets[name] = data_start + begin
-        return torch.empty(shape, dtype=dtype, device="meta")
+            self._file.seek(0)
+            reader = torch._C.PyTorchFileReader(self._file)
+            order = (reader.get_record("byteorder").decode() if reader.has_record("byteorder")
+                     else "little")
+        except Exception:  # a bad zip: the loader names the problem
+            return True
+        return order == sys.byteorder
+
+    def _stored_records(self) -> set[int]:
+        """Data offsets of the zip's uncompressed records; a compressed record read as raw
+        bytes would be measured wrong, so it is refused."""
+        self._file.seek(0)
+        offsets = set()
+        try:
+            with zipfile.ZipFile(self._file) as z:
+                for info in z.infolist():
+                    if "/data/" not in f"/{info.filename}":
+                        continue
+                    if info.compress_type != zipfile.ZIP_STORED:
+                        raise TransferFastError(f"{self.path}: record {info.filename} is "
+                                                "compressed; torch.save never does that")
+                    self._file.seek(info.header_offset + 26)
+                    lengths = self._file.read(4)
+                    offsets.add(info.header_offset + 30 + int.from_bytes(lengths[:2], "little")
+                                + int.from_bytes(lengths[2:], "little"))
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise TransferFastError(f"{self.path}: unreadable or truncated checkpoint "
+                                    f"({exc})") from exc
+        return offsets
+
+    def _meta_state(self) -> dict[str, torch.Tensor] | None:
+        """{name: meta tensor} whose storages carry `_checkpoint_offset` (no data read), or
+        None when this torch gives no offsets; raises naming the file when it is bad."""
+        for mode in ("meta", "fake"):
+            self._file.seek(0)
+            try:
+                if mode == "meta":
+                    obj = torch.load(self._file, map_location="meta", weights_only=True)
+                else:
+                    from torch._subclasses.fake_tensor import FakeTensorMode
+
+                    with FakeTensorMode():
+                        obj = torch.load(self._file, weights_only=True)
+                state = load_state(obj if isinstance(obj, Mapping) else {})
+            except Exception:  # load_state(path) below names the problem
+                continue
+            if all(hasattr(t.untyped_storage(), "_checkpoint_offset") for t in state.values()):
+                return state
+        load_state(self.path)  # the one-line reason for a file that cannot be read
+        return None
+
+    def _open_in_memory(self) -> dict[str, torch.Tensor]:
+        """Legacy or big-endian torch files: read whole from the open descriptor, no map."""
+        self._file.seek(0)
+        try:
+            obj = torch.load(self._file, map_location="cpu", weights_only=True)
+            self._memory = load_state(obj if isinstance(obj, Mapping) else {})
+        except Exception:
+            load_state(self.path)  # raises the one-line reason naming the file
+            raise
+        return {n: t.to("meta") for n, t in self._memory.items()}
+
+    # -- reading ------------------------------------------------------------------------
 
     def meta(self, name: str) -> torch.Tensor:
         """Shape and dtype, no data: what planning needs."""
@@ -123,23 +180,29 @@ class StreamedCheckpoint:
 
     def read(self, name: str, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
         """Elements [start, end) of the flattened tensor `name` into `out`, a CPU uint8
-        buffer of at least their size in bytes; returns them as a typed 1-D view of it."""
+        buffer of at least their size in bytes; returns them as a typed 1-D view of it.
+
+        Raises TransferFastError naming the file when it shrank since it was opened."""
+        if name in self._pending:
+            self._memory[name] = self._read_strided(name)
         dtype = self._meta[name].dtype
         nbytes = (end - start) * dtype.itemsize
         view = out[:nbytes]
-        if name in self._offsets:
-            got = os.preadv(self._fd, [view.numpy()], self._offsets[name] + start * dtype.itemsize)
-            if got != nbytes:
-                raise TransferFastError(f"{self.path}: file shorter than its header says "
-                                        f"(changed during the scan?)")
-            return view.view(dtype)
-        whole = self._tensors[name]
-        source = whole.reshape(-1)[start:end]
-        typed = view.view(dtype)
-        typed.copy_(source)
-        if self._file_backed and whole.is_contiguous():  # source is then a view of the map
-            _drop_pages(source.data_ptr(), nbytes)  # the page cache keeps them
-        return typed
+        span = self._spans.get(name)
+        if span is None:
+            typed = view.view(dtype)
+            typed.copy_(self._memory[name].reshape(-1)[start:end])
+            return typed
+        if not 0 <= start <= end <= span.numel:
+            raise ValueError(f"elements [{start}, {end}) outside tensor {name!r}")
+        pread_into(self._fd, view, span.offset + start * dtype.itemsize, self.path)
+        return view.view(dtype)
+
+    def _read_strided(self, name: str) -> torch.Tensor:
+        base, t = self._pending.pop(name)
+        raw = torch.empty(t.untyped_storage().nbytes(), dtype=torch.uint8)
+        pread_into(self._fd, raw, base, self.path)
+        return raw.view(t.dtype).as_strided(t.shape, t.stride(), t.storage_offset()).contiguous()
 
     def load(self, name: str) -> torch.Tensor:
         """The whole tensor, for the rare checks that need it (NaN/Inf naming)."""
@@ -147,8 +210,28 @@ class StreamedCheckpoint:
         buf = torch.empty(t.numel() * t.element_size(), dtype=torch.uint8)
         return self.read(name, 0, t.numel(), buf).view(t.shape)
 
+    def load_all(self) -> dict[str, torch.Tensor]:
+        """Every tensor, in the file's order, read into memory."""
+        return {name: self.load(name) for name in self._meta}
+
+    def changed(self) -> str:
+        """'' while the file is as it was opened; else why it is not (for a failed row)."""
+        if self._fd is None:
+            return ""
+        st = os.fstat(self._fd)
+        if [st.st_size, st.st_mtime_ns] != self.key[1:]:
+            return (f"{self.path}: changed while it was read (size {self.key[1]} -> "
+                    f"{st.st_size}); measure it again once it is complete")
+        return ""
+
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            self._file.close()
             self._fd = None
-        self._tensors = {}
+        self._memory = {}
+
+    def __enter__(self) -> StreamedCheckpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

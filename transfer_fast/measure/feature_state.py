@@ -16,6 +16,7 @@ import torch
 
 from ..errors import TransferFastError, first_few
 from ..io.files import save_tensors
+from ..io.safetensors import load_with_metadata
 from .stats import ChannelStats, CovarianceStats
 
 FORMAT = "transfer_fast.FeatureStats/1"
@@ -138,16 +139,8 @@ class FeatureState:
             TransferFastError: naming the file when it is missing, unreadable or not saved
                 by transfer_fast.
         """
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                raw = (f.metadata() or {}).get("transfer_fast")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except FileNotFoundError as exc:
-            raise TransferFastError(f"{path}: no such file") from exc
-        except Exception as exc:  # safetensors raises its own error types for bad headers
-            raise TransferFastError(f"{path}: not a readable .safetensors file ({exc})") from exc
+        tensors, header = load_with_metadata(path)
+        raw = header.get("transfer_fast")
         try:
             meta = json.loads(raw or "")
             if meta.get("format") != FORMAT:

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from ..errors import TransferFastError
 from ..io.checkpoints import load_state
-from ..io.files import write_csv, write_text
+from ..io.files import write_csv
+from ..io.runfolder import claim
 from ..measure.features import FeatureStats, batchnorm_layers
 from ..measure.frechet import frechet_distance
 from ..measure.gap import bn_gap, intraclass_variance
@@ -31,7 +32,7 @@ from ..measure.plan import make_plan
 from ..ops.devices import resolve_device
 from ..train.finetune import finetune, pretrain
 from ..train.models import build_model
-from .experiment_config import fingerprint, load_config
+from .experiment_config import config_cost, load_config
 from .experiment_data import apply_shift, load_source, split, subset
 from .scan import scan
 
@@ -48,22 +49,6 @@ class ExperimentResult:
     report: Path
     model: object = None  # the fitted TransferabilityModel, None when it could not be fitted
     notes: list[str] = field(default_factory=list)
-
-
-def _claim(out: Path, cfg: dict) -> None:
-    """Refuses a folder that holds results of another config."""
-    marker = out / "experiment.json"
-    wanted = fingerprint(cfg) + "\n"
-    if marker.exists():
-        if marker.read_text() != wanted:
-            raise TransferFastError(
-                f"{out} holds the results of another config (see {marker}); to start fresh, "
-                "delete that folder or choose another --out")
-        return
-    if out.is_dir() and any(out.iterdir()):
-        raise TransferFastError(f"{out} is not empty and holds no experiment: choose another "
-                                "--out (or an empty folder)")
-    write_text(marker, wanted)  # makes the folder; an error names the marker file
 
 
 def _grid(cfg: dict) -> list[dict]:
@@ -115,15 +100,35 @@ def _class_problems(what: str, y: torch.Tensor) -> list[str]:
 
 
 def run_experiment(config, out: str | Path | None = None, *, html: bool = False,
-                   progress: bool = True) -> ExperimentResult:
-    """Runs (or resumes) the experiment of `config` (a TOML path or a dict) into `out`."""
+                   progress: bool = True, allow_code: bool = False,
+                   allow_large: bool = False) -> ExperimentResult:
+    """Runs (or resumes) the experiment of `config` (a TOML path or a dict) into `out`.
+
+    Args:
+        config: a TOML path or a dict (see `transfer-fast demo --print-config`).
+        out: the run folder (default runs/<experiment.name>); rerunning it resumes.
+        html: also write one self-contained report.html.
+        allow_code: allow `model.arch = "package.module:function"` to import code.
+        allow_large: allow a grid above the limits of experiment_config (runs, memory).
+    Returns:
+        ExperimentResult (runs, per-task measures, groups, the report's path).
+    Raises:
+        TransferFastError: a bad config or data, or a folder of another config or in use.
+    """
+    cfg = load_config(config, allow_code=allow_code, allow_large=allow_large)
+    out = Path(out or Path("runs") / cfg["experiment"]["name"])
+    if progress:
+        print(config_cost(cfg).describe())
+    data, classes = _load_tasks(cfg)  # before anything is written: bad data fails fast
+    with claim(out, cfg, marker="experiment.json", require_empty=True):
+        return _run(cfg, out, data, classes, html=html, progress=progress)
+
+
+def _run(cfg: dict, out: Path, data: dict, classes: dict, *, html: bool,
+         progress: bool) -> ExperimentResult:
     from ..report.experiment import write_report
 
-    cfg = load_config(config)
     e, arch = cfg["experiment"], cfg["model"]["arch"]
-    out = Path(out or Path("runs") / e["name"])
-    data, classes = _load_tasks(cfg)  # before anything is written: bad data fails fast
-    _claim(out, cfg)
     device = str(resolve_device(e["device"], what="experiment.device"))
     channels = data["pretrain"][0][0].shape[1]
 

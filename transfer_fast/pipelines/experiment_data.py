@@ -7,6 +7,7 @@ class subfolders or an .npz). Shifts act on normalised images, (x - 0.5) / 0.225
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from ..errors import TransferFastError
 from ..io.datasets import MEAN, STD, load_dataset
+from .experiment_config import MAX_BLUR_SIGMA, MAX_NOISE_STRENGTH
 
 _DIGITS = re.compile(r"digits:(\d)-(\d)$")
 
@@ -62,6 +64,9 @@ def apply_shift(x: torch.Tensor, shift: str, strength: float = 1.0,
     Gaussian of sigma = strength pixels; noise: Gaussian noise of std 0.25 x strength
     in pixel units (fixed by `seed`); none: x itself.
     """
+    limit = {"blur": MAX_BLUR_SIGMA, "noise": MAX_NOISE_STRENGTH}.get(shift, math.inf)
+    if not (0 < strength <= limit and math.isfinite(strength)):  # the kernel's size
+        raise TransferFastError(f"{shift} strength must be in (0, {limit:g}], got {strength!r}")
     if shift == "none":
         return x
     if shift == "invert":  # (1 - p - 0.5) / 0.225 = -(p - 0.5) / 0.225

@@ -10,7 +10,6 @@ skips what is done; `scores.csv` and `scores.png` are rewritten at the end.
 from __future__ import annotations
 
 import csv
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +20,8 @@ from tqdm.auto import tqdm
 from ..errors import TransferFastError
 from ..io import journal
 from ..io.datasets import LoadedData, batches, load_dataset
-from ..io.files import file_key, write_csv, write_json
+from ..io.files import file_key, write_csv
+from ..io.runfolder import claim
 from ..measure.features import FeatureStats
 from ..measure.scores import ScoreStats
 from ..ops.devices import resolve_device
@@ -123,8 +123,14 @@ def rank(candidates: list[Candidate], data: str | Path, *, out: str | Path,
     out = Path(out)
     options = {"data": str(Path(data).resolve()), "batch_size": batch_size,
                "image_size": image_size}
-    _claim(out, options)
     device = resolve_device(device, what="--device")
+    with claim(out, options):
+        return _rank(candidates, data, out, image_size, batch_size, device, backend, plots,
+                     progress)
+
+
+def _rank(candidates, data, out: Path, image_size, batch_size, device, backend, plots,
+          progress) -> RankResult:
     done = {r["key"][0]: r for r in journal.read(out / "journal.jsonl")}
     cache: dict[int | None, LoadedData] = {}
     records = []
@@ -145,22 +151,6 @@ def rank(candidates: list[Candidate], data: str | Path, *, out: str | Path,
                                            {s: [r.scores[s] for r in ok] for s in SCORES}),
                              out / "scores.png")
     return RankResult(out, records, table, figure)
-
-
-def _claim(out: Path, options: dict) -> None:
-    """The folder belongs to these options: a folder made with others is refused."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "config.json"
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise TransferFastError(f"{path}: unreadable ({exc})") from exc
-        if old != options:
-            raise TransferFastError(f"{out} holds a ranking made with other options; choose "
-                                    "another --out or delete it")
-        return
-    write_json(path, options)
 
 
 def _data_for(model: torch.nn.Module, data, cache: dict, image_size) -> LoadedData:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..errors import TransferFastError, check_labels
 from ..io.checkpoints import load_state
 from ..io.files import atomic_write, save_tensors, write_json
+from ..io.runfolder import claim
 from .batches import Batches, Data
 from .resume import rng_state, set_rng_state
 from .trajectory import Trajectory
@@ -150,28 +151,8 @@ class _Run:
         self.resuming = self.resume_path.exists()
 
     def _prepare(self) -> None:
-        """Creates the folder, records the config, refuses a folder made otherwise."""
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise TransferFastError(f"{self.out}: cannot create the run folder "
-                                    f"({exc.strerror})") from exc
-        path = self.out / f"config-{self.kind}.json"
-        if not path.exists():
-            write_json(path, self.config)
-            return
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise TransferFastError(f"{path}: unreadable; to start fresh, delete it or choose "
-                                    "another out folder") from exc
-        diff = [f"{k}: {old.get(k)!r} then, {self.config.get(k)!r} now"
-                for k in dict.fromkeys([*old, *self.config]) if old.get(k) != self.config.get(k)]
-        if diff:
-            raise TransferFastError(
-                f"{self.out} holds a {self.kind} run made with other options "
-                f"({'; '.join(diff[:3])}); to start fresh, choose another out folder or "
-                "delete that one")
+        """Claims the folder for this run: locked, and refused when made with other options."""
+        self.claim = claim(self.out, self.config, marker=f"config-{self.kind}.json")
 
     def finished(self) -> TrainResult | None:
         """The recorded result when this run already ended (done or failed)."""
@@ -362,15 +343,16 @@ def pretrain(model_fn: ModelFn, train: Data, val: Data, *, out: str | Path, epoc
     run = _Run("pretrain", model, train, val, opts, out=out, head=head,
                num_classes=linear.out_features, device=device, num_workers=num_workers,
                extra={})
-    if (done := run.finished()) is not None:
-        return done
-    if not run.resuming:
-        save_tensors(run.out / _RANDOM, model.state_dict())
-        write_json(run.out / "random.json", {
-            "kind": "random", "config": run.config, "seed": seed,
-            "classes": linear.out_features, "N": run.train_set.n,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    return run.train(None, resume=resume, progress=progress, on_epoch=on_epoch)
+    with run.claim:  # the folder is locked until the run returns
+        if (done := run.finished()) is not None:
+            return done
+        if not run.resuming:
+            save_tensors(run.out / _RANDOM, model.state_dict())
+            write_json(run.out / "random.json", {
+                "kind": "random", "config": run.config, "seed": seed,
+                "classes": linear.out_features, "N": run.train_set.n,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        return run.train(None, resume=resume, progress=progress, on_epoch=on_epoch)
 
 
 def finetune(model: ModelFn | nn.Module, pretrained: str | Path, train: Data, val: Data, *,
@@ -410,13 +392,14 @@ def finetune(model: ModelFn | nn.Module, pretrained: str | Path, train: Data, va
                                 "trajectory=False")
     run = _Run("finetune", model, train, val, opts, out=out, head=head,
                num_classes=num_classes, device=device, num_workers=num_workers, extra=extra)
-    if (done := run.finished()) is not None:
-        return done
-    traj = None
-    if trajectory:
-        traj = Trajectory(load_state(random_path), theta_a, run.model.state_dict(),
-                          replaced=head_names, preset=preset, metric=metric)
-    return run.train(traj, resume=resume, progress=progress, on_epoch=on_epoch)
+    with run.claim:  # the folder is locked until the run returns
+        if (done := run.finished()) is not None:
+            return done
+        traj = None
+        if trajectory:
+            traj = Trajectory(load_state(random_path), theta_a, run.model.state_dict(),
+                              replaced=head_names, preset=preset, metric=metric)
+        return run.train(traj, resume=resume, progress=progress, on_epoch=on_epoch)
 
 
 def _load_body(model: nn.Module, state: dict[str, torch.Tensor], head: str,
