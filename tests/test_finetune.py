@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+import transfer_fast as tf
 from transfer_fast import TransferFastError, transferability
 from transfer_fast.pipelines.experiment_data import digits_split
 from transfer_fast.train.finetune import find_head, finetune, pretrain, replace_head
@@ -321,8 +322,9 @@ def test_labels_beyond_the_classes_are_refused_before_training(pretrained, tmp_p
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(epochs=0), "bad options"), (dict(amp="fp8"), "bad options"),
-    (dict(schedule="linear"), "bad options"), (dict(train=(torch.ones(3, 64),)), "(x, y)"),
+    (dict(epochs=0), "bad training options"), (dict(amp="fp8"), "bad training options"),
+    (dict(schedule="linear"), "bad training options"), (dict(colour=1), "unknown training"),
+    (dict(train=(torch.ones(3, 64),)), "(x, y)"),
     (dict(train=(torch.ones(3, 64), torch.zeros(2, dtype=torch.long))), "one length"),
     (dict(train=[1, 2]), "(x, y)"), (dict(train="digits"), "Dataset")])
 def test_bad_options_and_data(tmp_path, bad, match):
@@ -391,3 +393,16 @@ def test_labels_of_the_wrong_shape(tmp_path, bad, match):
     x, y = TASK_A[0]
     with pytest.raises(TransferFastError, match=match):
         pretrain(Net, (x, bad(y)), TASK_A[1], out=tmp_path, **FAST)
+
+
+def test_a_train_config_object_equals_keyword_options(tmp_path):
+    """TrainConfig and keyword overrides describe the same protocol: same bits, same result."""
+    a = pretrain(Net, *TASK_A, out=tmp_path / "kw", **FAST)
+    config = tf.TrainConfig(epochs=FAST["epochs"], lr=0.1, batch_size=FAST["batch_size"],
+                            schedule="step")
+    b = pretrain(Net, *TASK_A, out=tmp_path / "cfg", config=config,
+                 **{k: v for k, v in FAST.items() if k not in ("epochs", "batch_size")})
+    assert a.history == b.history
+    assert tf.load_state(a.checkpoint).keys() == tf.load_state(b.checkpoint).keys()
+    assert all(torch.equal(x, y) for x, y in zip(tf.load_state(a.checkpoint).values(),
+                                                 tf.load_state(b.checkpoint).values()))

@@ -26,6 +26,7 @@ from .measure.transferability import (
 from .ops.dispatch import BACKENDS, backend_status, multi_tensor_distance
 from .pipelines.experiment import ExperimentResult, run_experiment
 from .pipelines.scan import ScanResult, scan
+from .train.config import TrainConfig
 from .train.finetune import TrainResult, finetune, pretrain
 
 __version__ = "0.1.0"
@@ -47,6 +48,7 @@ __all__ = [
     "ScanResult",
     "ScoreStats",
     "SimilarityResult",
+    "TrainConfig",
     "TrainResult",
     "TransferFastError",
     "TransferabilityModel",

@@ -1,11 +1,16 @@
-"""Every RNG state a training run resumes (its files are written through io.files)."""
+"""The resume state of a training run: every RNG state, and the state file itself (written
+atomically through io.files, read back with weights_only=True)."""
 
 from __future__ import annotations
 
 import random as pyrandom
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..errors import TransferFastError
+from ..io.files import atomic_write
 
 
 def rng_state(generator: torch.Generator | None) -> dict:
@@ -27,3 +32,17 @@ def set_rng_state(state: dict, generator: torch.Generator | None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     if generator is not None:
         generator.set_state(state["data"])
+
+
+def save_resume(path: Path, state: dict) -> None:
+    """Replaces the resume state file atomically: a kill leaves the old one or the new one."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_resume(path: Path) -> dict:
+    """The resume state saved by save_resume (tensors and plain types only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable or foreign file: the run cannot go on from it
+        raise TransferFastError(f"{path}: unreadable resume state ({exc}); delete it to start "
+                                "this run fresh") from exc
