@@ -23,46 +23,50 @@ def _bn(prefix: str, c: int) -> Iterator[tuple[str, tuple]]:
     yield f"{prefix}.num_batches_tracked", ()
 
 
-def resnet_shapes(depth: int = 50, num_classes: int = 1000) -> dict[str, tuple]:
-    """torchvision ResNet-18/34/50/101/152 parameter and buffer shapes, in module order."""
+def resnet_shapes(depth: int = 50, num_classes: int = 1000, width: int = 64
+                  ) -> dict[str, tuple]:
+    """torchvision ResNet-18/34/50/101/152 parameter and buffer shapes, in module order;
+    `width` (64 in torchvision) scales every layer for small test models."""
     blocks = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3],
               152: [3, 8, 36, 3]}[depth]
     bottleneck = depth >= 50
     expansion = 4 if bottleneck else 1
-    shapes = {"conv1.weight": (64, 3, 7, 7), **dict(_bn("bn1", 64))}
-    inplanes = 64
-    for i, (count, width) in enumerate(zip(blocks, (64, 128, 256, 512)), start=1):
+    shapes = {"conv1.weight": (width, 3, 7, 7), **dict(_bn("bn1", width))}
+    inplanes = width
+    for i, (count, planes) in enumerate(zip(blocks, (width, 2 * width, 4 * width, 8 * width)),
+                                        start=1):
         for j in range(count):
             p = f"layer{i}.{j}"
             if bottleneck:
-                convs = [(width, inplanes, 1, 1), (width, width, 3, 3),
-                         (width * expansion, width, 1, 1)]
+                convs = [(planes, inplanes, 1, 1), (planes, planes, 3, 3),
+                         (planes * expansion, planes, 1, 1)]
             else:
-                convs = [(width, inplanes, 3, 3), (width, width, 3, 3)]
+                convs = [(planes, inplanes, 3, 3), (planes, planes, 3, 3)]
             for k, shape in enumerate(convs, start=1):
                 shapes[f"{p}.conv{k}.weight"] = shape
                 shapes.update(_bn(f"{p}.bn{k}", shape[0]))
-            if j == 0 and (i > 1 or inplanes != width * expansion):
-                shapes[f"{p}.downsample.0.weight"] = (width * expansion, inplanes, 1, 1)
-                shapes.update(_bn(f"{p}.downsample.1", width * expansion))
-            inplanes = width * expansion
+            if j == 0 and (i > 1 or inplanes != planes * expansion):
+                shapes[f"{p}.downsample.0.weight"] = (planes * expansion, inplanes, 1, 1)
+                shapes.update(_bn(f"{p}.downsample.1", planes * expansion))
+            inplanes = planes * expansion
     shapes["fc.weight"] = (num_classes, inplanes)
     shapes["fc.bias"] = (num_classes,)
     return shapes
 
 
-def densenet121_shapes(num_classes: int = 1000) -> dict[str, tuple]:
-    """torchvision DenseNet-121 shapes: growth 32, blocks (6, 12, 24, 16)."""
-    shapes = {"features.conv0.weight": (64, 3, 7, 7), **dict(_bn("features.norm0", 64))}
-    c = 64
+def densenet121_shapes(num_classes: int = 1000, growth: int = 32) -> dict[str, tuple]:
+    """torchvision DenseNet-121 shapes: growth 32, blocks (6, 12, 24, 16); a smaller
+    `growth` scales the widths for small test models."""
+    c = 2 * growth
+    shapes = {"features.conv0.weight": (c, 3, 7, 7), **dict(_bn("features.norm0", c))}
     for b, layers in enumerate((6, 12, 24, 16), start=1):
         for j in range(1, layers + 1):
             p = f"features.denseblock{b}.denselayer{j}"
             shapes.update(_bn(f"{p}.norm1", c))
-            shapes[f"{p}.conv1.weight"] = (128, c, 1, 1)
-            shapes.update(_bn(f"{p}.norm2", 128))
-            shapes[f"{p}.conv2.weight"] = (32, 128, 3, 3)
-            c += 32
+            shapes[f"{p}.conv1.weight"] = (4 * growth, c, 1, 1)
+            shapes.update(_bn(f"{p}.norm2", 4 * growth))
+            shapes[f"{p}.conv2.weight"] = (growth, 4 * growth, 3, 3)
+            c += growth
         if b < 4:
             shapes.update(_bn(f"features.transition{b}.norm", c))
             shapes[f"features.transition{b}.conv.weight"] = (c // 2, c, 1, 1)

@@ -153,9 +153,8 @@ def _build(states, sigs, preset, rules, classifier, strict, labels) -> Plan:
             first.update(state)
         names = list(first)
         shape_list = [first[n].shape for n in names]
-    prefix = common_prefix(names)  # 'model.', 'backbone.' ...: the layouts' names follow
+    prefix = common_prefix(names)  # 'model.', '_orig_mod.', 'backbone.' ...
     bare = [n[len(prefix):] for n in names] if prefix else names
-    shapes = dict(zip(bare, shape_list))
     arch = detect_architecture(bare)
     if preset == "paper" and arch not in ("resnet", "densenet") and rules is None:
         raise TransferFastError(
@@ -163,31 +162,35 @@ def _build(states, sigs, preset, rules, classifier, strict, labels) -> Plan:
             f"names; these names look like a {arch} network: use preset '{arch}' or 'auto'")
     kind = preset if preset in GROUPINGS else arch
     ranks = None if rules is not None else WITHIN_RANKS.get(kind)
+    # The torchvision/timm layouts name groups after the names without the shared prefix
+    # ('layer1.0'); the others keep whole names, whose prefix cannot come and go with a
+    # tensor saved or not (a tied head).
+    keys = bare if ranks is not None else names
     order_in_group = partial(within_key, ranks=ranks)
     if rules is not None:
         group_of = custom_grouping(rules)
     elif kind == "generic":  # a group is one module: its tensors differ in the leaf only
-        group_of, order_in_group = generic_grouping(arch), leaf_key
+        group_of, order_in_group = generic_grouping(arch, prefix), leaf_key
     else:
         group_of = GROUPINGS[kind]
-    head = classifier_name(bare, shapes)
+    head = classifier_name(keys, dict(zip(keys, shape_list)))
     head_dot = f"{head}." if head is not None and rules is None else None
 
-    entries: dict[str, tuple[str, tuple, str]] = {}  # name -> (group, order, bare)
+    entries: dict[str, tuple[str, tuple, str]] = {}  # name -> (group, order, key)
     excluded: dict[str, str] = {}
     unmatched = ("matches no group pattern" if rules is not None
                  else f"in no group of preset {preset if preset != 'auto' else kind!r}")
-    for name, b in zip(names, bare):
+    for name, key in zip(names, keys):
         if name.endswith(_BUFFER_SUFFIXES):
             continue
-        if head_dot is not None and b.startswith(head_dot):
-            entries[name] = (head, _HEAD_ORDER, b)
+        if head_dot is not None and key.startswith(head_dot):
+            entries[name] = (head, _HEAD_ORDER, key)
             continue
-        grouped = group_of(name if rules is not None else b)
+        grouped = group_of(key)
         if grouped is None:
             excluded[name] = unmatched
         else:
-            entries[name] = (*grouped, b)
+            entries[name] = (*grouped, key)
     head_group = _head_group(entries, classifier, head, prefix, rules)
 
     selected, extras = [], []
@@ -242,12 +245,13 @@ def _head_group(entries: dict, classifier: str | None, head: str | None, prefix:
             return None
         if rules is None:
             return head
-        found = entries.get(prefix + head + ".weight")
+        found = entries.get(head + ".weight")
         return found[0] if found else None
     if any(g == classifier for g, _, _ in entries.values()):
         return classifier
-    module = classifier.removeprefix(prefix) + "."
-    members = [n for n, (_, _, b) in entries.items() if b.startswith(module)]
+    modules = (classifier + ".", classifier.removeprefix(prefix) + ".")
+    members = [n for n, (_, _, key) in entries.items() if n.startswith(modules)
+               or key.startswith(modules)]
     if not members:
         groups = list(dict.fromkeys(g for g, _, _ in entries.values()))
         raise TransferFastError(f"classifier {classifier!r} is neither a group "
@@ -327,7 +331,7 @@ def check_sets_agree(states, names: Sequence[str], labels: Sequence[str]) -> Non
         missing = [n for n in names if n not in state]
         if missing:
             hint = ""
-            if len(missing) * 2 > len(names):  # most names differ: prefixes, not a tensor
+            if len(missing) * 3 >= len(names):  # many names differ: prefixes, not a tensor
                 hint = f"; names start with: {describe_prefixes(states, labels)}"
             raise TransferFastError(f"{label} lacks {len(missing)} tensor(s) the other sets "
                                     f"have: {first_few(missing)}{hint}")

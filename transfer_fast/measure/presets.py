@@ -223,15 +223,16 @@ def _generic(name: str):
     return module, (1, key)
 
 
-def generic_grouping(arch: str) -> Grouping:
+def generic_grouping(arch: str, prefix: str = "") -> Grouping:
     """One group per module, in the network order of `arch` where its layout knows the
-    tensor (a ResNet's modules in torchvision's order), numeric-aware order elsewhere."""
+    tensor (a ResNet's modules in torchvision's order), numeric-aware order elsewhere.
+    `prefix`: what to remove from the names for the layout's patterns."""
     layout, ranks = GROUPINGS.get(arch), WITHIN_RANKS.get(arch)
     if layout is None or arch == "generic":
         return _generic
 
     def group(name: str):
-        found = layout(name)
+        found = layout(name[len(prefix):] if name.startswith(prefix) else name)
         module, key = _module_of(name, ranks)
         return module, (*(found[1] if found else (8,)), key)
 
