@@ -7,7 +7,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from transfer_fast import TransferFastError, load_state, testing, transferability
+from transfer_fast import (
+    TransferFastError,
+    load_state,
+    make_plan,
+    testing,
+    transferability,
+    transferability_from_states,
+)
 from transfer_fast.io import hf
 from transfer_fast.io.checkpoints import open_checkpoint
 from transfer_fast.io.names import natural_key
@@ -119,3 +126,25 @@ def test_sizes_read_from_files_are_bounded_before_reading(tmp_path, monkeypatch)
     monkeypatch.setattr(hf, "MAX_INDEX_BYTES", 10)
     with pytest.raises(TransferFastError, match="index file of .* bytes"):
         load_state(_index(tmp_path, {"a": "x.safetensors"}))
+
+
+def test_a_plan_from_listed_names_serves_the_loaded_tensors(tmp_path):
+    """What a scan does: plan from names, shapes and dtypes, then read only the planned
+    tensors shard by shard."""
+    r, a, b = testing.triple(testing.bert_shapes())
+    folder = testing.save_hf_folder(b, tmp_path / "b", shards=3)
+    ck = open_checkpoint(folder)
+    plan = make_plan([r, a, ck.meta()])
+    assert plan.groups == make_plan([r, a, b]).groups
+    assert "bert.embeddings.position_ids" in plan.excluded
+    got = transferability_from_states([r, a, ck.load(plan.names)], plan)
+    assert got.values == transferability(r, a, b).values
+
+
+def test_per_file_keys(tmp_path):
+    r, a, b = testing.triple(testing.resnet_shapes(18, width=8))
+    torch.save({"state_dict": a, "state_dict_ema": b}, tmp_path / "a.pth.tar")
+    got = transferability(r, tmp_path / "a.pth.tar", b, key=(None, "state_dict", None))
+    assert got.values == transferability(r, a, b).values
+    with pytest.raises(TransferFastError, match="one entry name or three"):
+        transferability(r, a, b, key=("state_dict",))
