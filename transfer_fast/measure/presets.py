@@ -2,12 +2,15 @@
 
 Everything here works on names and shapes alone, so the same weights give the same
 groups whether they come from a .pt file (module order), a .safetensors file (names
-sorted as text) or a sharded folder. A grouping maps a tensor name (with the prefix
-all names share removed) to (group, order) or None; `order` sorts the groups into
-network order. Inside a group, tensors follow `within_key`: a module's own tensors
-before its children's, weight before bias, numbers compared as numbers, and for the
-ResNet, DenseNet and ViT layouts the modules in the order torchvision and timm
-register them (so results are bitwise those of module-ordered state dicts).
+sorted as text) or a sharded folder. A grouping maps a tensor name to (group, order)
+or None; `order` sorts the groups into network order. The torchvision/timm layouts
+(resnet, densenet, vit) see names without the prefix all names share and name their
+groups so ('layer1.0'); the others see and keep whole names ('model.layers.0'), which
+cannot change with a tensor saved or not. Inside a group, tensors follow `within_key`:
+a module's own tensors before its children's, weight before bias, numbers compared as
+numbers, and for the ResNet, DenseNet and ViT layouts the modules in the order
+torchvision and timm register them (so results are bitwise those of module-ordered
+state dicts).
 """
 
 from __future__ import annotations
