@@ -1,5 +1,6 @@
 """load_state: formats, wrappers, and refusing what must not be loaded."""
 
+import argparse
 import pickle
 
 import pytest
@@ -73,8 +74,9 @@ def test_empty_file_and_directory(tmp_path):
     (tmp_path / "e.pt").write_bytes(b"")
     with pytest.raises(TransferFastError, match="e.pt: empty file"):
         load_state(tmp_path / "e.pt")
-    with pytest.raises(TransferFastError, match="not a file"):
-        load_state(tmp_path)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(TransferFastError, match="folder: no checkpoint in the folder"):
+        load_state(tmp_path / "folder")
 
 
 class _Payload:
@@ -107,7 +109,63 @@ def test_no_tensors_and_wrong_types(tmp_path):
     with pytest.raises(TransferFastError, match="empty.pt: holds no tensors"):
         load_state(path)
     torch.save({"net": {"w": torch.ones(1)}, "optimizer": {}}, path)
-    with pytest.raises(TransferFastError, match="nested entries 'net'"):
+    with pytest.raises(TransferFastError, match="nested entries 'net': pick one with key='net'"):
         load_state(path)
+    assert list(load_state(path, key="net")) == ["w"]
     with pytest.raises(TransferFastError, match="cannot load parameters from a int"):
         load_state(3)
+
+
+def test_compile_and_data_parallel_wrappers_are_stripped(tmp_path, state):
+    torch.save({f"module._orig_mod.{k}": v for k, v in state.items()}, tmp_path / "m.pt")
+    assert list(load_state(tmp_path / "m.pt")) == list(state)
+    assert list(load_state({f"_orig_mod.{k}": v for k, v in state.items()})) == list(state)
+
+
+def _timm_training_checkpoint(state, path):
+    """What timm's train.py saves: the weights, their EMA, optimizer state and the args."""
+    net = nn.Linear(3, 4)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.ones(2, 3)).sum().backward()
+    opt.step()
+    ema = {k: v + 1 for k, v in state.items()}
+    args = argparse.Namespace(model="convnext_tiny", lr=0.1, epochs=300, aa=None,
+                              mean=(0.5, 0.5, 0.5), sched="cosine", drop_path=0.1)
+    torch.save({"epoch": 299, "arch": "convnext_tiny", "state_dict": state,
+                "optimizer": opt.state_dict(), "version": 2, "args": args,
+                "state_dict_ema": ema, "metric": 82.1}, path)
+    return ema
+
+
+def test_timm_training_checkpoint_is_read_for_its_tensors(tmp_path, state):
+    ema = _timm_training_checkpoint(state, tmp_path / "last.pth.tar")
+    loaded = load_state(tmp_path / "last.pth.tar")
+    assert list(loaded) == list(state) and torch.equal(loaded["0.weight"], state["0.weight"])
+    picked = load_state(tmp_path / "last.pth.tar", key="state_dict_ema")
+    assert torch.equal(picked["0.weight"], ema["0.weight"])
+    with pytest.raises(TransferFastError, match=r"no state dict under key 'model_ema'; "
+                                                r"entries holding one: 'state_dict', "
+                                                r"'state_dict_ema'$"):
+        load_state(tmp_path / "last.pth.tar", key="model_ema")
+
+
+def test_a_plain_state_dict_ignores_key(tmp_path, state):
+    torch.save(state, tmp_path / "plain.pt")
+    assert list(load_state(tmp_path / "plain.pt", key="state_dict_ema")) == list(state)
+
+
+def test_ambiguous_wrappers_list_the_candidate_keys(tmp_path, state):
+    torch.save({"net": state, "net_ema": state, "step": 3}, tmp_path / "two.pt")
+    with pytest.raises(TransferFastError, match="nested entries 'net', 'net_ema': pick one "
+                                                "with key="):
+        load_state(tmp_path / "two.pt")
+    assert list(load_state(tmp_path / "two.pt", key="net_ema")) == list(state)
+
+
+def test_allowed_namespace_does_not_let_other_objects_in(tmp_path, state):
+    marker = tmp_path / "pwned"
+    args = argparse.Namespace(lr=0.1, hook=_Payload(str(marker)))
+    torch.save({"state_dict": state, "args": args}, tmp_path / "evil.pth")
+    with pytest.raises(TransferFastError, match="evil.pth: refused.*holds io.open"):
+        load_state(tmp_path / "evil.pth")
+    assert not marker.exists()

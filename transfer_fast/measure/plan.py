@@ -1,89 +1,57 @@
-"""Which tensors to compare and how to group them into layers: presets -> Plan.
+"""Which tensors to compare and how to group them into layers: names and shapes -> Plan.
 
-A Plan is made from names and shapes only, once per architecture, and serves
-every model with those names. It knows nothing of devices or values.
+A Plan is made from names, shapes and dtypes only and serves every model with those
+names; it knows nothing of devices or values. Planning is one pass over the tensors
+plus one sort, and `make_plan` keeps the last few plans, keyed by a hash of the sets'
+names, shapes, dtypes and the options, so repeated calls (scans, trajectories, a loop
+over `transferability`) pay only for that hash.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import gc
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from operator import attrgetter, methodcaller
+from pathlib import Path
 
 import torch
 
 from ..errors import TransferFastError, first_few
+from ..io.names import common_prefix, describe_prefixes, natural_key  # noqa: F401 (re-export)
+from .presets import (
+    GROUPINGS,
+    PRESETS,
+    WITHIN_RANKS,
+    classifier_name,
+    custom_grouping,
+    detect_architecture,
+    generic_grouping,
+    head_module,
+    leaf_key,
+    load_groups,
+    within_key,
+)
 
-PRESETS = ("auto", "paper", "resnet", "densenet", "vit", "generic")
-# BatchNorm statistics are buffers, not learned parameters.
-_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
-
-# A grouping maps a tensor name to (group, is_classifier, order), or None to leave
-# it out. `order` sorts the groups into network order, which a file may not keep
-# (safetensors stores names alphabetically).
-Grouping = Callable[[str], "tuple[str, bool, tuple] | None"]
-
-
-def _resnet(name: str):
-    if name.startswith(("conv1.", "bn1.")):
-        return "stem", False, (0,)
-    if m := re.match(r"layer(\d+)\.(\d+)\.", name):
-        return f"layer{m[1]}.{m[2]}", False, (1, int(m[1]), int(m[2]))
-    if name.startswith("fc."):
-        return "fc", True, (2,)
-    return None
-
-
-def _densenet(name: str):
-    name = name.removeprefix("features.")
-    if name.startswith(("conv0.", "norm0.")):
-        return "stem", False, (0,)
-    if m := re.match(r"denseblock(\d+)\.denselayer(\d+)\.", name):
-        return f"denseblock{m[1]}.denselayer{m[2]}", False, (1, int(m[1]), 0, int(m[2]))
-    if m := re.match(r"transition(\d+)\.", name):
-        return f"transition{m[1]}", False, (1, int(m[1]), 1, 0)
-    if name.startswith("norm5."):
-        return "norm5", False, (1.5,)
-    if name.startswith("classifier."):
-        return "classifier", True, (2,)
-    return None
-
-
-def _vit(name: str):
-    if name.startswith(("patch_embed.", "cls_token", "pos_embed", "reg_token", "dist_token")):
-        return "patch_embed", False, (0,)
-    if m := re.match(r"blocks\.(\d+)\.", name):
-        return f"blocks.{m[1]}", False, (1, int(m[1]))
-    if name.startswith(("norm.", "fc_norm.")):
-        return "norm", False, (1.5,)
-    if name.startswith("head."):
-        return "head", True, (2,)
-    return None
-
-
-def natural_key(name: str) -> list:
-    """'features.10' after 'features.9': numbers compare as numbers."""
-    return [(0, int(tok), "") if tok.isdigit() else (1, 0, tok) for tok in re.split(r"(\d+)", name)]
-
-
-_GROUPINGS: dict[str, Grouping] = {"resnet": _resnet, "densenet": _densenet, "vit": _vit}
-
-
-def detect_architecture(names: Sequence[str]) -> str:
-    """'resnet', 'densenet', 'vit' (timm) or 'generic', from the tensor names alone."""
-    joined = "\n".join(names)
-    if "conv1.weight" in names and re.search(r"^layer\d+\.\d+\.conv\d\.weight$", joined, re.M):
-        return "resnet"
-    if re.search(r"denseblock\d+\.denselayer\d+\.", joined):
-        return "densenet"
-    if re.search(r"^blocks\.\d+\.attn\.", joined, re.M):
-        return "vit"
-    return "generic"
+# Statistics and constants saved with the weights, not learned parameters.
+_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked", "inv_freq",
+                    "masked_bias")
+_HEAD_ORDER = (9,)  # the classifier group comes last
+_EXTRA = "only in the last set (an adapter, a new buffer?); strict=True makes it an error"
+_CACHE_SIZE = 8
+_cache: OrderedDict[int, tuple[tuple, Plan]] = OrderedDict()
+GroupsSource = str | Path | Sequence
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Selected tensors in network order and the group each belongs to."""
+    """Selected tensors in network order and the group each belongs to.
+
+    Plans are shared between calls (`make_plan` caches them): treat them as read-only.
+    """
 
     preset: str
     names: tuple[str, ...]
@@ -93,60 +61,225 @@ class Plan:
     excluded: dict[str, str] = field(default_factory=dict)
 
 
-def _union_in_order(states: Sequence[Mapping[str, torch.Tensor]]) -> list[str]:
-    seen: dict[str, None] = {}
-    for state in states:
-        seen.update(dict.fromkeys(state))
-    return list(seen)
+@contextlib.contextmanager
+def _gc_paused():
+    """Building 10^5 small tuples would trigger full collections that walk every live
+    tensor; none of what is built here forms a cycle."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
-_HEAD_NAMES = ("fc", "head", "classifier", "last_linear", "logits")
+def _signature(state: Mapping[str, torch.Tensor]) -> tuple:
+    values = list(state.values())
+    return (tuple(state), tuple(map(attrgetter("shape"), values)),
+            tuple(map(attrgetter("dtype"), values)), tuple(map(attrgetter("layout"), values)),
+            _aliases(state, values))
 
 
-def _generic_classifier(names: Sequence[str], shapes: Mapping[str, tuple]) -> str | None:
-    """A module named like a head, else the module of the last 2-D weight."""
-    modules = [n.rsplit(".", 1)[0] for n in names if n.endswith(".weight")]
-    named = [m for m in modules if m.rsplit(".", 1)[-1] in _HEAD_NAMES]
-    if named:
-        return named[-1]
-    for name in reversed(names):
-        if name.endswith(".weight") and len(shapes[name]) == 2:
-            return name.rsplit(".", 1)[0]
-    return None
+def _aliases(state: Mapping[str, torch.Tensor], values: list) -> tuple[tuple[str, ...], ...]:
+    """Names that view the same memory (a head tied to the embedding), as sorted tuples."""
+    if not values or values[0].is_meta:
+        return ()
+    try:
+        ptrs = list(map(methodcaller("data_ptr"), values))
+        if len(set(ptrs)) == len(ptrs):
+            return ()
+    except RuntimeError:  # a sparse tensor has no data pointer: look one by one
+        pass
+    classes: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        if t.layout == torch.strided and not t.is_meta and t.numel():
+            classes.setdefault((t.data_ptr(), t.shape, t.stride(), t.dtype), []).append(name)
+    return tuple(sorted(tuple(sorted(c)) for c in classes.values() if len(c) > 1))
 
 
-def common_prefix(names: Sequence[str]) -> str:
-    """The dotted prefix every name shares ('model.', '_orig_mod.', 'backbone.'), or ''."""
-    parts = [n.split(".") for n in names]
-    depth = 0
-    while parts and all(len(p) > depth + 1 and p[depth] == parts[0][depth] for p in parts):
-        depth += 1
-    return "".join(part + "." for part in parts[0][:depth]) if depth else ""
+def make_plan(states: Sequence[Mapping[str, torch.Tensor]], preset: str = "auto",
+              labels: Sequence[str] | None = None, *, groups: GroupsSource | None = None,
+              classifier: str | None = None, strict: bool = False) -> Plan:
+    """Plan for comparing `states` (e.g. [θr, θA, θB]) tensor by tensor.
+
+    Args:
+        states: name -> tensor mappings (meta tensors suffice); names must line up
+            (`transfer_fast.io.names.align_states` removes differing prefixes).
+        preset: one of PRESETS; 'auto' picks from the names.
+        labels: the sets' names in error messages (e.g. "random (r.pt)").
+        groups: custom grouping instead of the preset: a .toml/.json file or a list of
+            {name, pattern} (format: `presets.load_groups`); unmatched tensors are
+            listed in `excluded`.
+        classifier: the group, or module, that is the classifier head (left out of the
+            overall value); default: the one rule of `presets.classifier_name`.
+        strict: make tensors present only in the last set (an adapter, a new buffer in
+            θB) an error instead of leaving them out.
+    Raises TransferFastError when a selected tensor is missing from a set or its shape
+    differs between sets; a classifier whose shape differs (1000 vs 10 classes) is
+    left out and listed in `excluded` instead.
+    """
+    if preset not in PRESETS:
+        raise TransferFastError(f"unknown preset {preset!r}: expected one of {PRESETS}")
+    rules, file_classifier = load_groups(groups) if groups is not None else (None, None)
+    classifier = classifier if classifier is not None else file_classifier
+    with _gc_paused():
+        sigs = tuple(_signature(s) for s in states)
+        key = hash((sigs, preset, rules, classifier, strict))
+        names_only = tuple(sig[0] for sig in sigs)
+        hit = _cache.get(key)
+        if hit is not None and hit[0] == names_only:
+            _cache.move_to_end(key)
+            return hit[1]
+        plan = _build(states, sigs, preset, rules, classifier, strict,
+                      list(labels or [f"set {i + 1}" for i in range(len(states))]))
+        _cache[key] = (names_only, plan)
+        if len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return plan
 
 
-def _grouping(names: list[str], shapes: Mapping[str, tuple], preset: str, prefix: str
-              ) -> Grouping:
-    """The grouping for `preset`, for names with their common `prefix` removed."""
-    bare = [n[len(prefix):] for n in names]
+def _build(states, sigs, preset, rules, classifier, strict, labels) -> Plan:
+    # Usually every set has the same names, shapes, dtypes and layouts: then one set's
+    # signature answers every question about all of them.
+    uniform = all(sig[:4] == sigs[0][:4] for sig in sigs[1:])
+    if uniform:
+        names = list(sigs[0][0])
+        shape_list = sigs[0][1]
+        reasons = _uniform_exclusions(*sigs[0][:4])
+    else:
+        first: dict[str, torch.Tensor] = {}
+        for state in reversed(states):  # each name's tensor from the first set holding it
+            first.update(state)
+        names = list(first)
+        shape_list = [first[n].shape for n in names]
+    prefix = common_prefix(names)  # 'model.', '_orig_mod.', 'backbone.' ...
+    bare = [n[len(prefix):] for n in names] if prefix else names
     arch = detect_architecture(bare)
-    if preset == "paper" and arch not in ("resnet", "densenet"):
+    if preset == "paper" and arch not in ("resnet", "densenet") and rules is None:
         raise TransferFastError(
             "preset 'paper' reproduces the authors' script for torchvision ResNet/DenseNet "
-            f"names; these names look like a {arch} network: use preset "
-            f"'{arch}' or 'auto'")
-    chosen = _GROUPINGS.get(preset if preset in _GROUPINGS else arch)
-    if chosen is None:  # generic: one group per module, classifier = the head module
-        head = _generic_classifier(bare, {b: shapes[n] for b, n in zip(bare, names)})
+            f"names; these names look like a {arch} network: use preset '{arch}' or 'auto'")
+    kind = preset if preset in GROUPINGS else arch
+    ranks = None if rules is not None else WITHIN_RANKS.get(kind)
+    # The torchvision/timm layouts name groups after the names without the shared prefix
+    # ('layer1.0'); the others keep whole names, whose prefix cannot come and go with a
+    # tensor saved or not (a tied head).
+    keys = bare if ranks is not None else names
+    order_in_group = partial(within_key, ranks=ranks)
+    if rules is not None:
+        group_of = custom_grouping(rules)
+    elif kind == "generic":  # a group is one module: its tensors differ in the leaf only
+        group_of, order_in_group = generic_grouping(arch, prefix), leaf_key
+    else:
+        group_of = GROUPINGS[kind]
+    head = classifier_name(keys, dict(zip(keys, shape_list)))
+    head_dot = f"{head}." if head is not None and rules is None else None
 
-        def chosen(name: str):
-            module = name.rsplit(".", 1)[0] if "." in name else name
-            return module, module == head, (2,) if module == head else (1,)
+    entries: dict[str, tuple[str, tuple, str]] = {}  # name -> (group, order, key)
+    excluded: dict[str, str] = {}
+    unmatched = ("matches no group pattern" if rules is not None
+                 else f"in no group of preset {preset if preset != 'auto' else kind!r}")
+    for name, key in zip(names, keys):
+        if name.endswith(_BUFFER_SUFFIXES):
+            continue
+        if head_dot is not None and key.startswith(head_dot):
+            entries[name] = (head, _HEAD_ORDER, key)
+            continue
+        grouped = group_of(key)
+        if grouped is None:
+            excluded[name] = unmatched
+        else:
+            entries[name] = (*grouped, key)
+    head_group = _head_group(entries, classifier, head, prefix, rules)
 
-    return chosen
+    selected, extras = [], []
+    for name, (group, order, b) in entries.items():
+        is_head = group == head_group
+        if preset == "paper" and "conv" not in b and not (is_head and b.endswith("weight")):
+            continue  # the authors' script: names with 'conv' plus the classifier weight
+        if uniform:
+            reason = reasons.get(name)
+        else:
+            role = "classifier" if is_head else "head" if head_module(b) is not None else None
+            reason = _exclusion(name, [s.get(name) for s in states], role, strict)
+        item = ((order, group, order_in_group(b)), name, group)
+        if reason == _EXTRA:
+            extras.append(item)
+        elif reason:
+            excluded[name] = reason
+        else:
+            selected.append(item)
+    # An extra tensor inside a group the sets share (an adapter, a new buffer) is left
+    # out; whole groups only the last set has mean another network: the check below fails.
+    shared = {g for _, _, g in selected}
+    for item in extras:
+        if item[2] in shared:
+            excluded[item[1]] = _EXTRA
+        else:
+            selected.append(item)
+    selected.sort(key=lambda item: item[0])
+    selected = _untie(selected, states, [sig[4] for sig in sigs], excluded)
+    if not selected:
+        raise TransferFastError(f"preset {preset!r} selected no tensor to compare")
+    kept = [n for _, n, _ in selected]
+    if not uniform:
+        check_sets_agree(states, kept, labels)
+    index = {g: i for i, g in enumerate(dict.fromkeys(g for _, _, g in selected))}
+    return Plan(
+        preset=preset if rules is None else "custom",
+        names=tuple(kept),
+        group_index=tuple(index[g] for _, _, g in selected),
+        groups=tuple(index),
+        classifier=head_group if head_group in index else None,
+        excluded=excluded,
+    )
 
 
-def _exclusion(name: str, tensors: list, is_head: bool) -> str | None:
-    """Why a tensor is left out of the comparison, or None to keep it."""
+def _head_group(entries: dict, classifier: str | None, head: str | None, prefix: str,
+                rules) -> str | None:
+    """The classifier group: `classifier` if a group, else its module's tensors pulled out
+    into a group of that name; by default the group holding the rule's head module."""
+    if classifier is None:
+        if head is None:
+            return None
+        if rules is None:
+            return head
+        found = entries.get(head + ".weight")
+        return found[0] if found else None
+    if any(g == classifier for g, _, _ in entries.values()):
+        return classifier
+    modules = (classifier + ".", classifier.removeprefix(prefix) + ".")
+    members = [n for n, (_, _, key) in entries.items() if n.startswith(modules)
+               or key.startswith(modules)]
+    if not members:
+        groups = list(dict.fromkeys(g for g, _, _ in entries.values()))
+        raise TransferFastError(f"classifier {classifier!r} is neither a group "
+                                f"({first_few(groups)}) nor a module of these tensors")
+    for n in members:
+        entries[n] = (classifier, _HEAD_ORDER, entries[n][2])
+    return classifier
+
+
+def _uniform_exclusions(names: tuple, shapes: tuple, dtypes: tuple, layouts: tuple
+                        ) -> dict[str, str]:
+    """`_exclusion` for sets that agree on every name, shape, dtype and layout: from one
+    set's signature, with per-kind checks instead of per-tensor ones."""
+    if layouts.count(torch.strided) != len(layouts):
+        name, layout = next((n, x) for n, x in zip(names, layouts) if x != torch.strided)
+        raise TransferFastError(f"tensor {name!r} is {layout}: only dense tensors can be "
+                                "compared; densify it first")
+    nonfloat = {d for d in set(dtypes) if not d.is_floating_point}
+    reasons = {n: "not a floating-point tensor" for n, d in zip(names, dtypes) if d in nonfloat}
+    for name, shape in zip(names, shapes):
+        if 0 in shape and name not in reasons:
+            reasons[name] = "empty tensor"
+    return reasons
+
+
+def _exclusion(name: str, tensors: list, role: str | None, strict: bool) -> str | None:
+    """Why a tensor is left out of the comparison, or None to keep it. `role`:
+    'classifier', 'head' (another head module) or None."""
     present = [t for t in tensors if t is not None]
     if any(t.layout != torch.strided for t in present):
         raise TransferFastError(f"tensor {name!r} is {present[0].layout}: only dense "
@@ -155,62 +288,41 @@ def _exclusion(name: str, tensors: list, is_head: bool) -> str | None:
         return "not a floating-point tensor"
     if any(t.numel() == 0 for t in present):
         return "empty tensor"
-    if is_head and len({tuple(t.shape) for t in present}) > 1:
-        return "classifier shape differs between sets: " + " vs ".join(
+    if role and len({tuple(t.shape) for t in present}) > 1:
+        return f"{role} shape differs between sets: " + " vs ".join(
             str(tuple(t.shape)) if t is not None else "missing" for t in tensors)
-    if is_head and len(present) < len(tensors):
-        return "classifier missing from a set"
+    if len(present) < len(tensors):
+        if role:
+            return f"{role} missing from a set"
+        if len(present) == 1 and tensors[-1] is not None and not strict:
+            return _EXTRA
     return None
 
 
-def make_plan(
-    states: Sequence[Mapping[str, torch.Tensor]],
-    preset: str = "auto",
-    labels: Sequence[str] | None = None,
-) -> Plan:
-    """Plan for comparing `states` (e.g. [θr, θA, θB]) tensor by tensor.
-
-    `labels` name the sets in error messages (e.g. "random (r.pt)").
-    Raises TransferFastError when a selected tensor is missing from a set or its shape
-    differs between sets; a classifier whose shape differs (1000 vs 10 classes) is
-    left out and listed in `excluded` instead.
-    """
-    if preset not in PRESETS:
-        raise TransferFastError(f"unknown preset {preset!r}: expected one of {PRESETS}")
-    names = _union_in_order(states)
-    shapes = {n: tuple(next(s[n] for s in states if n in s).shape) for n in names}
-    prefix = common_prefix(names)  # 'model.', '_orig_mod.' (torch.compile), ...
-    group_of = _grouping(names, shapes, preset, prefix)
-    selected, excluded = [], {}
-    for name in names:
-        bare = name[len(prefix):]
-        grouped = group_of(bare)
-        if grouped is None or name.endswith(_BUFFER_SUFFIXES):
+def _untie(selected: list, states, aliases: list[tuple], excluded: dict[str, str]) -> list:
+    """Drops tensors that are views of an earlier selected tensor in every set holding
+    both (an LM head tied to the embedding): the .pt and .safetensors files of one model,
+    the latter saving the tensor once, then give the same groups."""
+    per_set = [{n: c for c in classes for n in c} for classes in aliases]
+    if not any(per_set):
+        return selected
+    seen: dict[tuple, str] = {}  # (set, alias class) -> its first name in network order
+    out = []
+    for item in selected:
+        name = item[1]
+        earlier = next((seen[(i, cls[name])] for i, cls in enumerate(per_set)
+                        if (i, cls.get(name)) in seen), None)
+        if earlier is not None and all(
+                cls.get(name) is not None and cls.get(name) == cls.get(earlier)
+                for cls, s in zip(per_set, states)
+                if name in s and earlier in s and not s[name].is_meta):
+            excluded[name] = f"tied to {earlier} (the same tensor)"
             continue
-        group, is_head, order = grouped
-        if preset == "paper" and "conv" not in bare and not (is_head and bare.endswith("weight")):
-            continue  # the authors' script: names with 'conv' plus the classifier weight
-        reason = _exclusion(name, [s.get(name) for s in states], is_head)
-        if reason:
-            excluded[name] = reason
-        else:
-            selected.append((name, group, is_head, order))
-    if not selected:
-        raise TransferFastError(f"preset {preset!r} selected no tensor to compare")
-    names = [n for n, *_ in selected]
-    check_sets_agree(states, names, labels or [f"set {i + 1}" for i in range(len(states))])
-    # Stable sort: within equal keys (generic groups) the names' own order stands.
-    selected.sort(key=lambda item: item[3])
-    groups = list(dict.fromkeys(g for _, g, _, _ in selected))
-    heads = [g for _, g, h, _ in selected if h]
-    return Plan(
-        preset=preset,
-        names=tuple(n for n, *_ in selected),
-        group_index=tuple(groups.index(g) for _, g, _, _ in selected),
-        groups=tuple(groups),
-        classifier=heads[0] if heads else None,
-        excluded=excluded,
-    )
+        for i, cls in enumerate(per_set):
+            if name in cls:
+                seen.setdefault((i, cls[name]), name)
+        out.append(item)
+    return out
 
 
 def check_sets_agree(states, names: Sequence[str], labels: Sequence[str]) -> None:
@@ -218,8 +330,11 @@ def check_sets_agree(states, names: Sequence[str], labels: Sequence[str]) -> Non
     for label, state in zip(labels, states):
         missing = [n for n in names if n not in state]
         if missing:
+            hint = ""
+            if len(missing) * 3 >= len(names):  # many names differ: prefixes, not a tensor
+                hint = f"; names start with: {describe_prefixes(states, labels)}"
             raise TransferFastError(f"{label} lacks {len(missing)} tensor(s) the other sets "
-                                    f"have: {first_few(missing)}")
+                                    f"have: {first_few(missing)}{hint}")
     mismatched = [f"{n} " + " vs ".join(f"{tuple(s[n].shape)} in {label}"
                                         for label, s in zip(labels, states))
                   for n in names if len({tuple(s[n].shape) for s in states}) > 1]

@@ -13,7 +13,8 @@ import torch
 from .. import ops
 from ..errors import TransferFastError, first_few
 from ..io.checkpoints import StateSource, load_state
-from .plan import Plan, check_sets_agree, make_plan
+from ..io.names import align_states
+from .plan import GroupsSource, Plan, check_sets_agree, make_plan
 
 
 def _metric_l1_mean(s, n):
@@ -84,8 +85,9 @@ def layer_distances(a: StateSource, b: StateSource, *,
     """Every metric for every learned tensor the two sets share, in one fused pass."""
     for metric in metrics:
         check_metric(metric)
-    states = [load_state(a), load_state(b)]
-    plan = make_plan(states, "generic", labels=["first set", "second set"])
+    labels = ["first set", "second set"]
+    states = align_states([load_state(a), load_state(b)], labels)
+    plan = make_plan(states, "generic", labels=labels)
     sets = [[s[n] for n in plan.names] for s in states]
     sums = ops.multi_tensor_distance([sets[0]], [sets[1]], backend=backend)[0, 0]
     for note in _check_finite(sums[None, None], sets, ["first set", "second set"], plan.names):
@@ -118,30 +120,59 @@ def _label(role: str, src: StateSource) -> str:
     return f"{role} ({src})" if isinstance(src, (str, Path)) else role
 
 
+def _keys(key: str | Sequence[str | None] | None) -> list[str | None]:
+    if key is None or isinstance(key, str):
+        return [key] * 3
+    if len(key) != 3:
+        raise TransferFastError(f"key: expected one entry name or three (random, pretrained, "
+                                f"finetuned), got {len(key)}")
+    return list(key)
+
+
 def transferability(random: StateSource, pretrained: StateSource, finetuned: StateSource, *,
-                    preset: str = "auto", metric: str = "l1_mean",
-                    backend: str = "auto") -> TransferabilityResult:
+                    preset: str = "auto", metric: str = "l1_mean", backend: str = "auto",
+                    groups: GroupsSource | None = None, classifier: str | None = None,
+                    key: str | Sequence[str | None] | None = None,
+                    strict: bool = False) -> TransferabilityResult:
     """T = D(θr, θB) / D(θA, θB) per layer group, from one fused pass over the three sets.
 
     A group's distance is the mean of its tensors' distances (the authors' script),
     T is the ratio of the two group distances, and `overall` the plain mean of T
     over the groups other than the classifier. A zero D(θA, θB) gives T = inf for
     that group (NaN if D(θr, θB) is zero too), reported in `warnings`.
+
+    Each set is a checkpoint file, an index file or model folder (sharded Hugging Face
+    checkpoints), a module or a mapping (`load_state`). Differing wrapper or base-model
+    prefixes ('bert.' in one, none in another) are lined up (`io.names.align_states`).
+    `groups`, `classifier` and `strict` go to `make_plan`; `key` picks the wrapped state
+    dict ('state_dict_ema', ...) in checkpoints that hold several, one name for every
+    file or three (None: the default choice).
     """
     check_metric(metric)
     labels = [_label(r, s) for r, s in
               (("random", random), ("pretrained", pretrained), ("finetuned", finetuned))]
-    states = [load_state(random), load_state(pretrained), load_state(finetuned)]
-    plan = make_plan(states, preset, labels=labels)
+    states = [load_state(src, key=k) for src, k in
+              zip((random, pretrained, finetuned), _keys(key))]
+    states = align_states(states, labels)
+    plan = make_plan(states, preset, labels=labels, groups=groups, classifier=classifier,
+                     strict=strict)
     return transferability_from_states(states, plan, metric=metric, backend=backend,
                                        labels=labels)
 
 
-def transferability_from_states(states: Sequence[dict[str, torch.Tensor]], plan: Plan, *,
-                                metric: str = "l1_mean", backend: str = "auto",
-                                labels: list[str] | None = None) -> TransferabilityResult:
-    """`transferability` for loaded [θr, θA, θB] and a ready Plan (reused across models)."""
+def transferability_from_states(states: Sequence[dict[str, torch.Tensor]],
+                                plan: Plan | None = None, *, metric: str = "l1_mean",
+                                backend: str = "auto", labels: list[str] | None = None,
+                                preset: str = "auto", groups: GroupsSource | None = None,
+                                classifier: str | None = None,
+                                strict: bool = False) -> TransferabilityResult:
+    """`transferability` for loaded [θr, θA, θB] and a ready Plan (reused across models);
+    without one, `make_plan(states, preset, groups=, classifier=, strict=)` (cached)."""
     labels = labels or ["random", "pretrained", "finetuned"]
+    if plan is None:
+        plan = make_plan(states, preset, labels=labels, groups=groups, classifier=classifier,
+                         strict=strict)
+    check_metric(metric)
     check_sets_agree(states, plan.names, labels)  # the Plan may come from other files
     sets = [[s[n] for n in plan.names] for s in states]
     device = sets[2][0].device  # compare where the fine-tuned set lives
