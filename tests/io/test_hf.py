@@ -114,14 +114,14 @@ def test_index_refuses_paths_missing_shards_and_lost_tensors(tmp_path):
 def test_sizes_read_from_files_are_bounded_before_reading(tmp_path, monkeypatch):
     path = tmp_path / "huge.safetensors"
     path.write_bytes(struct.pack("<Q", 1 << 60) + b"{}" * 8)
-    with pytest.raises(TransferFastError, match="huge.safetensors: unreadable or truncated"):
+    with pytest.raises(TransferFastError, match="huge.safetensors: .*exceeds the 100000000"):
         load_state(path)
     path.write_bytes(struct.pack("<Q", 16) + b"[1, 2, 3]       ")
     with pytest.raises(TransferFastError, match="not a JSON object"):
         open_checkpoint(path)
     header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 4096]}})
     path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + bytes(16))
-    with pytest.raises(TransferFastError, match="tensor 'w' lies outside the data"):
+    with pytest.raises(TransferFastError, match="tensor 'w' ends at byte 4096 of the data"):
         open_checkpoint(path)
     monkeypatch.setattr(hf, "MAX_INDEX_BYTES", 10)
     with pytest.raises(TransferFastError, match="index file of .* bytes"):

@@ -20,6 +20,8 @@ from torch import nn
 from ..errors import TransferFastError, first_few
 from . import hf
 from .names import natural_key, strip_wrappers, wrapper_prefix
+from .pickles import unsafe_global, unsafe_pickle_message
+from .safetensors import load_file
 
 StateSource = str | Path | nn.Module | Mapping
 # Entries that wrap the model's state dict, in order of preference when several exist.
@@ -29,29 +31,16 @@ _SAFE_GLOBALS = [argparse.Namespace]
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    hf.read_safetensors_header(path)  # bounded, named errors before the library allocates
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise TransferFastError(
-            f"{path}: unreadable or truncated safetensors file ({exc})") from exc
+    state = load_file(path)  # validated header, pread: a bad or shrinking file is an error
     # The format stores names sorted as text; numeric order is closer to network order.
     return {name: state[name] for name in sorted(state, key=natural_key)}
 
 
 def _load_error(path: Path, exc: Exception) -> TransferFastError:
     """One line for a failed torch.load; never torch's advice to disable weights_only."""
+    if unsafe_global(exc):
+        return TransferFastError(unsafe_pickle_message(path, exc))
     text = str(exc)
-    if "Unsupported global" in text:
-        what = next((ln.split("GLOBAL", 1)[1].split(" was not")[0].strip()
-                     for ln in text.splitlines() if "GLOBAL" in ln), "an object")
-        return TransferFastError(
-            f"{path}: refused to load: the checkpoint holds {what}, which only arbitrary "
-            "unpickling could create, and running its code is unsafe (weights_only=True). "
-            "Re-save it as a state_dict or .safetensors.")
     detail = next((ln.strip() for ln in text.splitlines()
                    if "WeightsUnpickler error" in ln or "Unsupported operand" in ln), None)
     detail = detail or f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
@@ -226,14 +215,8 @@ class Checkpoint:
     def load_shard(self, file: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """The tensors `names` (all in shard `file`) read from that one shard."""
         if file.suffix == ".safetensors":
-            from safetensors import SafetensorError, safe_open
-
-            try:
-                with safe_open(str(file), framework="pt") as f:
-                    return {n: f.get_tensor(self._stored[n]) for n in names}
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise TransferFastError(f"{file}: unreadable or truncated safetensors file "
-                                        f"({exc})") from exc
+            state = load_file(file)
+            return {n: state[self._stored[n]] for n in names}
         state = self._read_torch(file)
         return {n: state[self._stored[n]] for n in names}
 

@@ -14,69 +14,25 @@ read; shard names must be plain file names beside the index, never paths.
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import torch
 
 from ..errors import TransferFastError, first_few
+from .safetensors import read_header
 
 MAX_INDEX_BYTES = 64 << 20  # an index of a million tensors is ~60 MB
-MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 # In order of preference: the first present wins.
 _FOLDER_FILES = ("model.safetensors.index.json", "model.safetensors",
                  "pytorch_model.bin.index.json", "pytorch_model.bin")
 
 
-def read_safetensors_header(path: Path) -> dict[str, tuple[torch.dtype | None, tuple[int, ...]]]:
-    """{name: (dtype, shape)} in file order from a .safetensors header, no tensor read.
-
-    dtype is None for a type torch lacks (such tensors are never compared). Raises
-    TransferFastError for a header that is missing, oversized, truncated or corrupt.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise TransferFastError(f"{path}: truncated safetensors file (no header)")
-        (length,) = struct.unpack("<Q", head)
-        if length > min(MAX_HEADER_BYTES, size - 8):
-            raise TransferFastError(f"{path}: unreadable or truncated safetensors file "
-                                    f"(header of {length} bytes in a file of {size})")
-        raw = f.read(length)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TransferFastError(f"{path}: unreadable safetensors header ({exc})") from exc
-    if not isinstance(header, dict):
-        raise TransferFastError(f"{path}: unreadable safetensors header (not a JSON object)")
-    data = size - 8 - length
-    return {name: _entry(path, name, info, data) for name, info in header.items()
-            if name != "__metadata__"}
-
-
-def _entry(path: Path, name: str, info, data: int) -> tuple[torch.dtype | None, tuple[int, ...]]:
-    try:
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        shape = tuple(int(d) for d in info["shape"])
-        begin, end = (int(x) for x in info["data_offsets"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise TransferFastError(f"{path}: corrupt safetensors entry {name!r}") from exc
-    numel = 1
-    for d in shape:
-        numel *= d
-    if (min(shape, default=0) < 0 or not 0 <= begin <= end <= data
-            or (dtype is not None and end - begin != numel * dtype.itemsize)):
-        raise TransferFastError(f"{path}: truncated or corrupt safetensors file (tensor "
-                                f"{name!r} lies outside the data)")
-    return dtype, shape
+def read_safetensors_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """{name: (dtype, shape)} in file order from a .safetensors header, no tensor read
+    (validated by io.safetensors: bounded, offsets in range and contiguous, known dtypes)."""
+    header = read_header(path)
+    return {name: (header.dtypes[name], header.shapes[name]) for name in header.names}
 
 
 def read_index(path: Path) -> dict[str, Path]:
