@@ -40,14 +40,25 @@ ops = ("multi_tensor_distance", "packed_distance", "channel_stats")
 missing = [op for op in ops if not _ext.has_kernel("CUDA", op)]
 raise SystemExit(f"CUDA kernels missing: {missing} ({_ext.reason})" if missing else 0)'
 
-step "tests: $PY -m pytest -q -x tests"
+step "tests: $PY -m pytest -q tests"
 xdist=()
 if "$PY" -c "import xdist" 2>/dev/null; then xdist=(-n 8); fi
 start=$SECONDS
-"$PY" -m pytest -q -x ${xdist[@]+"${xdist[@]}"} tests
-echo "tests took $((SECONDS - start)) s"
+# A failing test must not hide the benchmark table: the status is returned at the end.
+tests_status=0 bench_status=0
+"$PY" -m pytest -q -p no:cacheprovider ${xdist[@]+"${xdist[@]}"} tests || tests_status=$?
+echo "tests took $((SECONDS - start)) s (status $tests_status)"
 
 step "benchmark: benchmarks/gpu_bench.py"
 table=()
 if [[ -n "${OUT:-}" ]]; then table=(--table "$OUT/gpu_table.txt"); fi
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" benchmarks/gpu_bench.py ${table[@]+"${table[@]}"}
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" benchmarks/gpu_bench.py ${table[@]+"${table[@]}"} \
+  || { echo "gpu_bench failed (see above)"; bench_status=1; }
+
+step "benchmark: benchmarks/score_bench.py (ScoreStats vs in-memory numpy)"
+scores=()
+if [[ -n "${OUT:-}" ]]; then scores=(--table "$OUT/score_table.txt"); fi
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" benchmarks/score_bench.py ${scores[@]+"${scores[@]}"} \
+  || { echo "score_bench failed (see above)"; bench_status=1; }
+
+exit $((tests_status != 0 || bench_status != 0))
