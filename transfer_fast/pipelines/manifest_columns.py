@@ -12,12 +12,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import TransferFastError
+from .scan_journal import EXCLUDED_COLUMNS, RESULT_COLUMNS, SUMMARY_COLUMNS
 
-# The columns `scan` writes after the user's (results.csv, summary.csv, excluded.csv)
-# and the `path` column first; `label` and `run` are the user's, to name the rows.
-SCAN_RESERVED = ("path", "group", "d_random", "d_pretrained", "T", "overall_T", "status",
-                 "error", "seconds", "excluded", "tensor", "reason")
-# The columns `rank` writes after the user's (scores.csv).
+# The columns `scan` writes: `path` first, then after the user's those of results.csv,
+# summary.csv and excluded.csv. (`label` and `run` are the user's: they name the rows.)
+SCAN_RESERVED = ("path", *RESULT_COLUMNS, *SUMMARY_COLUMNS, *EXCLUDED_COLUMNS)
+# The columns `rank` writes after the user's (scores.csv; rank.py imports this module,
+# so they are listed here rather than imported from it).
 RANK_RESERVED = ("path", "label", "arch", "N", "params", "logme", "hscore",
                  "regularized_hscore", "transrate", "nce", "leep", "status", "error", "seconds")
 
