@@ -227,3 +227,17 @@ def test_demo_without_scikit_learn_is_one_line_exit_2(tmp_path, monkeypatch, cap
     assert err.strip() == ("transfer-fast: error: the demo needs scikit-learn: "
                            "pip install scikit-learn")
     assert not (tmp_path / "demo").exists()
+
+
+def test_scan_figures_name_rows_by_label_then_run_then_path_suffix():
+    from transfer_fast.pipelines.scan_journal import ScanRow
+    from transfer_fast.pipelines.scan_outputs import row_labels
+
+    paths = [f"/data/sweep/run_{i}/model.safetensors" for i in range(3)]
+    plain = [ScanRow.of(p) for p in paths]
+    assert row_labels(plain) == ["run_0/model", "run_1/model", "run_2/model"]
+    runs = [ScanRow.of(p, columns={"run": f"r{i}"}) for i, p in enumerate(paths)]
+    assert row_labels(runs) == ["r0", "r1", "r2"]
+    labelled = [ScanRow.of(p, columns={"run": f"r{i}", "label": lab})
+                for i, (p, lab) in enumerate(zip(paths, ["lr=0.1", "", "lr=0.1"]))]
+    assert row_labels(labelled) == ["lr=0.1#0", "run_1/model", "lr=0.1#2"]
