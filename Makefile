@@ -1,5 +1,6 @@
 # The newcomer's two commands: `make demo` and `make test`. Each sets up .venv with
-# the pinned dependencies and builds the extension on a fresh machine by itself.
+# the pinned dependencies (requirements-dev.txt: the runtime pins of requirements.txt
+# plus the test and build tools) and builds the extension on a fresh machine by itself.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
@@ -9,10 +10,10 @@ CUDA_ARCHS := sm_80 sm_90
 
 .PHONY: test demo build nvcc-check lint bench clean
 
-$(DEPS): requirements.txt
+$(DEPS): requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
 # Build log kept in .venv; the build configuration lines are shown, the rest on failure.

@@ -136,8 +136,14 @@ def extension():
     return ext
 
 
+# Shipped in the wheel beside the code: the PEP 561 marker for type checkers, and the
+# build record `transfer-fast info` reports (written by extension() above, so before
+# build_py copies the package).
+PACKAGE_DATA = {"transfer_fast": ["py.typed", "_build_info.json"]}
+
 setup(
     ext_modules=[extension()],
+    package_data=PACKAGE_DATA,
     cmdclass={"build_ext": BuildExtensionChecked},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

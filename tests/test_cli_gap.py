@@ -98,3 +98,100 @@ def test_model_without_batchnorm_names_the_alternative(files, tmp_path, capsys):
     assert code == 2 and "--allow-code" in err  # user code is imported only on request
     code, err = run_cli([*args, "--allow-code"], capsys)
     assert code == 2 and "--reference-stats" in err
+
+
+def test_gap_streams_an_image_folder_with_workers_mean_std_and_format(files, tmp_path,
+                                                                      capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for c in range(3):
+        (tmp_path / "imgs" / f"class{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+                tmp_path / "imgs" / f"class{c}" / f"{i}.png")
+    (tmp_path / "imgs" / "class1" / "broken.png").write_bytes(b"not a png")
+    base = ["gap", "--model", str(files / "r18.safetensors"), "--arch", "resnet18",
+            "-d", str(tmp_path / "imgs"), "--image-size", "16",
+            "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", "--no-plots"]
+    results = []
+    for workers in ("0", "2"):
+        out = tmp_path / f"out{workers}"
+        with pytest.warns(UserWarning, match="skipped 1 of 13 files"):
+            assert main([*base, "-o", str(out), "-w", workers]) == 0
+        results.append(json.loads((out / "gap.json").read_text()))
+    capsys.readouterr()
+    assert results[0]["N"] == 12 and results[0]["skipped_files"] == 1
+    assert results[0]["mean"] == [0.485, 0.456, 0.406] and results[0]["image_size"] == 16
+    assert results[0]["G_bn"] == pytest.approx(results[1]["G_bn"], rel=1e-6)
+    # The paper's normalisation gives another gap; a pdf figure on request.
+    base = base[:base.index("--mean")] + ["-f", "pdf", "-w", "0"]
+    with pytest.warns(UserWarning, match="skipped"):
+        assert main([*base, "-o", str(tmp_path / "paper")]) == 0
+    paper = json.loads((tmp_path / "paper" / "gap.json").read_text())
+    assert paper["mean"] == [0.5] and paper["G_bn"] != pytest.approx(results[0]["G_bn"])
+    assert (tmp_path / "paper" / "bn_gap.pdf").read_bytes().startswith(b"%PDF")
+    code, err = run_cli([*base, "-o", str(tmp_path / "x"), "--mean", "0.5,0.5"], capsys)
+    assert code == 2 and "mean has 2 values for 3-channel images" in err
+
+
+BN_NET = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes, in_channels):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(in_channels, 4, 3), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def net(num_classes, in_channels=3):
+    return Net(num_classes, in_channels)
+'''
+
+
+@pytest.mark.parametrize("launcher", ["console_script", "python_m"])
+def test_allow_code_imports_from_the_working_folder(files, tmp_path, launcher):
+    """A console script's sys.path[0] is its bin/ folder, not the working folder: with
+    --allow-code both launchers import `usermodels` from where the user stands."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "usermodels.py").write_text(BN_NET)
+    sys.path.insert(0, str(work))
+    try:
+        import usermodels
+
+        model = usermodels.net(10)
+    finally:
+        sys.path.remove(str(work))
+        sys.modules.pop("usermodels", None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(tmp_path / "user.safetensors"))
+    script = tmp_path / "bin" / "transfer-fast"  # what pip writes for [project.scripts]
+    script.parent.mkdir()
+    script.write_text("import sys\nfrom transfer_fast.cli import main\nsys.exit(main())\n")
+    command = ([sys.executable, str(script)] if launcher == "console_script"
+               else [sys.executable, "-m", "transfer_fast"])
+    root = str(Path(tf.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root}
+    args = ["gap", "--model", str(tmp_path / "user.safetensors"), "--arch", "usermodels:net",
+            "-d", str(files / "down.npz"), "-o", str(tmp_path / f"out_{launcher}"),
+            "--no-plots"]
+    refused = subprocess.run([*command, *args], cwd=work, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 2 and "--allow-code" in refused.stderr
+    proc = subprocess.run([*command, *args, "--allow-code"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "importing user architecture usermodels:net" in proc.stdout
+    assert json.loads((tmp_path / f"out_{launcher}" / "gap.json").read_text())["N"] == 30

@@ -205,3 +205,91 @@ def test_batches_in_order():
     assert torch.equal(torch.cat([y for _, y in got]), data.y)
     with pytest.raises(TransferFastError, match="batch_size"):
         batches(data, 0)
+
+
+# ---- streaming (io.data_stream) ----------------------------------------------------------
+
+def _streamed(stream, batch_size=2, workers=0):
+    got = list(stream.batches(batch_size, workers=workers))
+    return torch.cat([x for x, _ in got]), torch.cat([y for _, y in got]), got
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_of_a_folder_equals_the_loaded_folder(folder, workers):
+    from transfer_fast.io.data_stream import DataStream, open_dataset
+
+    with pytest.warns(UserWarning, match="skipped"):
+        loaded = load_dataset(folder, image_size=8)
+    stream = open_dataset(folder, image_size=8)
+    assert isinstance(stream, DataStream) and stream.folder is not None
+    assert stream.classes == ["cat", "dog"] and len(stream) == 4  # listed, bad.png included
+    with pytest.warns(UserWarning, match=r"skipped 1 of 4 files: 'dog/bad.png"):
+        x, y, got = _streamed(stream, batch_size=2, workers=workers)
+    assert [len(b) for _, b in got] == [2, 1]  # the batch holding bad.png is one short
+    torch.testing.assert_close(x, loaded.x, rtol=0, atol=0)
+    assert torch.equal(y, loaded.y)
+    assert [f for f, _ in stream.skipped] == ["dog/bad.png"] and stream.read == 3
+
+
+def test_stream_is_lazy_and_normalises_per_channel(folder):
+    from transfer_fast.io.data_stream import ImageFolderDataset, open_dataset
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    stream = open_dataset(folder, image_size=8, mean=mean, std=std)
+    assert isinstance(stream.folder, ImageFolderDataset)
+    x, label, name = stream.folder[0]  # one file decoded, on demand
+    expected = (rgb(0) / 255.0 - np.array(mean)) / np.array(std)
+    np.testing.assert_allclose(x.numpy(), expected.transpose(2, 0, 1), atol=1e-5)
+    assert (label, name) == (0, "cat/a.png")
+    bad = stream.folder[2]  # dog/bad.png sorts before dog/c.tiff
+    assert bad[0] is None and "cannot identify image file" in bad[1]
+    grey = open_dataset(folder, image_size=8, channels=1, mean=0.4, std=0.2).folder[3][0]
+    np.testing.assert_allclose(grey[0].numpy(), (rgb(2)[..., 0] / 255.0 - 0.4) / 0.2, atol=1e-5)
+
+
+def test_npz_mean_std_and_stream(tmp_path):
+    from transfer_fast.io.data_stream import open_dataset
+
+    path = save_npz(tmp_path, x=NCHW, y=LABELS)
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 0.125)
+    data = load_dataset(path, mean=mean, std=std)
+    expected = (NCHW / 255.0 - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+    np.testing.assert_allclose(data.x.numpy(), expected, atol=1e-5)
+    # 3 -> 1 channel: luma of the pixels, then the single channel's normalisation.
+    grey = load_dataset(path, channels=1, mean=0.3, std=0.5).x
+    luma = (0.299 * NCHW[:, 0] + 0.587 * NCHW[:, 1] + 0.114 * NCHW[:, 2]) / 255.0
+    np.testing.assert_allclose(grey[:, 0].numpy(), (luma - 0.3) / 0.5, atol=1e-5)
+    stream = open_dataset(path, mean=mean, std=std)
+    assert stream.folder is None and stream.read == len(stream) == 5
+    x, y, _ = _streamed(stream, batch_size=3, workers=4)  # in memory: workers unused
+    assert torch.equal(x, data.x) and y.tolist() == LABELS.tolist()
+
+
+@pytest.mark.parametrize("mean, std, message", [
+    ((0.5, 0.5), 0.2, "mean has 2 values for 3-channel images"),
+    (0.5, (0.2, 0.0, 0.2), "std must be finite and positive"),
+    (float("nan"), 0.2, "mean must be finite"),
+    ("a", 0.2, "mean must be numbers"),
+])
+def test_bad_normalisation_is_refused_at_once(folder, tmp_path, mean, std, message):
+    from transfer_fast.io.data_stream import open_dataset
+
+    with pytest.raises(TransferFastError, match=message):
+        open_dataset(folder, mean=mean, std=std)
+    with pytest.raises(TransferFastError, match=message):
+        load_dataset(save_npz(tmp_path, x=NCHW, y=LABELS), mean=mean, std=std)
+
+
+def test_stream_errors(tmp_path):
+    from transfer_fast.io.data_stream import open_dataset
+
+    with pytest.raises(TransferFastError, match="not found"):
+        open_dataset(tmp_path / "nope")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    stream = open_dataset(tmp_path, image_size=4)
+    for bad in ({"batch_size": 0}, {"batch_size": 2, "workers": -1}):
+        with pytest.raises(TransferFastError, match="batch_size|workers"):
+            stream.batches(**bad)
+    with pytest.raises(TransferFastError, match="none of the 1 image files could be read"):
+        list(stream.batches(4))

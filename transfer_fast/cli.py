@@ -1,4 +1,10 @@
-"""`transfer-fast` / `python -m transfer_fast`: measure, info, demo."""
+"""`transfer-fast` / `python -m transfer_fast`: measure, scan, gap, rank, experiment, info, demo.
+
+Conventions shared by every subcommand (also in `--help`): the short options of
+`SHORT_OPTIONS` mean the same everywhere; `-` as a --json/--csv file writes to stdout
+(the table then goes to stderr, so stdout stays parseable); every output is checked
+writable before any measurement starts; the exit status is one of `EXIT_STATUS`.
+"""
 
 from __future__ import annotations
 
@@ -6,40 +12,137 @@ import argparse
 import os
 import platform
 import sys
+import tempfile
 import traceback
+from pathlib import Path
 
 from .errors import TransferFastError
 
+# One meaning per short option, in every subcommand that has the long one.
+SHORT_OPTIONS = {"-r": "--random", "-a": "--pretrained", "-b": "--finetuned",
+                 "-p": "--preset", "-m": "--metric", "-o": "--out", "-d": "--data",
+                 "-f": "--format", "-w": "--workers", "-V": "--version"}
+EXIT_STATUS = {0: "done, every checkpoint, model or run measured",
+               1: "done, but some rows failed (listed in the outputs)",
+               2: "bad input, an unusable output path or an OS error (one line naming it)",
+               3: "a bug (a traceback: please report it)", 130: "interrupted"}
+STDOUT = "-"
+
+
+def _epilog() -> str:
+    items = [f"{k} {v:<13}" for k, v in SHORT_OPTIONS.items()]
+    shorts = "\n".join("  " + "".join(items[i:i + 4]).rstrip() for i in range(0, len(items), 4))
+    codes = "\n".join(f"  {k:<4}{v}" for k, v in EXIT_STATUS.items())
+    return (f"short options, the same in every command that has them:\n{shorts}\n\n"
+            f"exit status:\n{codes}\n\n"
+            "--debug (before or after the command) shows the traceback of an error.")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default (unless its help already says it, or it has none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.required
+                or action.default in (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def check_writable(path, *, folder: bool = False) -> None:
+    """Raises TransferFastError now, before any measurement, when `path` (an output file,
+    or with `folder` an output folder) could not be written: it is a folder where a file
+    is meant (or the other way round), or the nearest existing folder above it is not a
+    writable folder. Creates nothing; `-` (stdout) and None pass."""
+    if path is None or str(path) == STDOUT:
+        return
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise TransferFastError(f"{path}: exists and is not a folder")
+    if not folder and path.is_dir():
+        raise TransferFastError(f"{path}: is a folder; give a file name")
+    probe = path if folder else path.parent
+    probe = probe if str(probe) else Path(".")
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise TransferFastError(f"{path}: cannot be created: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise TransferFastError(f"{path}: cannot write there: {probe} is not writable")
+
+
+def _check_figure_file(path) -> None:
+    """An output figure whose suffix matplotlib cannot write fails now, naming it."""
+    if path is None:
+        return
+    if str(path) == STDOUT:
+        raise TransferFastError("--plot needs a file name (a figure is not written to stdout)")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt = Path(path).suffix[1:].lower() or "png"
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        raise TransferFastError(f"{path}: cannot write (Format {fmt!r} is not supported; "
+                                f"supported: {', '.join(sorted(supported))})")
+
+
+def _to_stdout(write, result) -> None:
+    """What `write(result, path)` would put in a file, on stdout (one formatter for both)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write(result, Path(tmp) / "out")
+        sys.stdout.write(Path(path).read_text(encoding="utf-8"))
+    sys.stdout.flush()
+
 
 def _cmd_measure(args) -> int:
+    from .io.files import refuse_overwriting_inputs
     from .measure.transferability import transferability
     from .report.figures import save_figure, transferability_figure
     from .report.tables import format_table, write_result_csv, write_result_json
 
+    if args.json == STDOUT and args.csv == STDOUT:
+        raise TransferFastError("only one of --json and --csv can be '-' (stdout)")
+    for path in (args.json, args.csv, args.plot):
+        check_writable(path)
+    _check_figure_file(args.plot)
+    refuse_overwriting_inputs([args.json, args.csv, args.plot],
+                              [args.random, args.pretrained, args.finetuned])
     result = transferability(args.random, args.pretrained, args.finetuned, preset=args.preset,
                              metric=args.metric, backend=args.backend)
-    print(format_table(result))
+    # With an output on stdout, stdout holds that output alone; the rest goes to stderr.
+    log = sys.stderr if STDOUT in (args.json, args.csv) else sys.stdout
+    print(format_table(result), file=log)
     for path, write in ((args.json, write_result_json), (args.csv, write_result_csv),
                         (args.plot, lambda r, p: save_figure(transferability_figure(r), p))):
-        if path:
+        if path == STDOUT:
+            _to_stdout(write, result)
+        elif path:
             write(result, path)  # a failed write raises TransferFastError naming the path
-            print(f"wrote {path}")
+            print(f"wrote {path}", file=log)
     return 0
 
 
 def _cmd_scan(args) -> int:
     from .pipelines.scan import scan
+    from .pipelines.scan_outputs import figure_format
 
     if bool(args.manifest) == bool(args.finetuned):
         raise TransferFastError("give fine-tuned checkpoints either as paths or as --manifest")
-    result = scan(args.finetuned, random=args.random, pretrained=args.pretrained,
-                  manifest=args.manifest, out=args.out, preset=args.preset, metric=args.metric,
-                  backend=args.backend, max_memory=args.max_memory, pairwise=args.pairwise,
-                  plots=not args.no_plots, progress=not args.no_progress)
+    check_writable(args.out, folder=True)
+    with figure_format(args.format):
+        result = scan(args.finetuned, random=args.random, pretrained=args.pretrained,
+                      manifest=args.manifest, out=args.out, preset=args.preset,
+                      metric=args.metric, backend=args.backend, max_memory=args.max_memory,
+                      pairwise=args.pairwise, plots=not args.no_plots,
+                      progress=not args.no_progress)
+    failed = sum(r.status != "ok" for r in result.records)
     if result.rank == 0:
         print(f"{result.done} measured, {result.failed} failed, {result.skipped} already "
               f"done; tables and plots in {result.out}/")
-    return 0
+        if failed:
+            print(f"{failed} of {len(result.records)} checkpoints failed: see the status and "
+                  f"error columns of {result.summary_csv}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _allow_user_code(archs, allowed: bool) -> None:
@@ -52,20 +155,29 @@ def _allow_user_code(archs, allowed: bool) -> None:
     if not allowed:
         raise TransferFastError(f"--arch {code[0]} imports code from your environment: add "
                                 "--allow-code to allow it")
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _import_from_cwd()
     for arch in code:
         print(f"importing user architecture {arch} (--allow-code)")
+
+
+def _import_from_cwd() -> None:
+    """`python -m` puts the working folder on sys.path, a console script does not (its
+    sys.path[0] is the script's bin/): add it, so both import `pkg.mod` alike."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def _cmd_gap(args) -> int:
     from .pipelines.gap_run import run_gap
 
     _allow_user_code([args.arch], args.allow_code)
+    check_writable(args.out, folder=True)
+    check_writable(args.save_stats)
     run_gap(args.model, args.arch, args.data, out=args.out, metric=args.metric,
             batch_size=args.batch_size, image_size=args.image_size,
             reference_stats=args.reference_stats, save_stats=args.save_stats,
-            device=args.device, backend=args.backend, plots=not args.no_plots)
+            device=args.device, backend=args.backend, plots=not args.no_plots,
+            workers=args.workers, mean=args.mean, std=args.std, figure_format=args.format)
     return 0
 
 
@@ -77,6 +189,7 @@ def _cmd_rank(args) -> int:
     candidates = (read_manifest(args.manifest, args.arch) if args.manifest
                   else candidates_from_paths(args.models, args.arch))
     _allow_user_code([c.arch for c in candidates], args.allow_code)
+    check_writable(args.out, folder=True)
     result = rank(candidates, args.data, out=args.out, batch_size=args.batch_size,
                   image_size=args.image_size, device=args.device, backend=args.backend,
                   plots=not args.no_plots, progress=not args.no_progress)
@@ -91,6 +204,9 @@ def _cmd_rank(args) -> int:
 def _cmd_experiment(args) -> int:
     from .pipelines.experiment import run_experiment
 
+    if args.allow_code:
+        _import_from_cwd()
+    check_writable(args.out, folder=True)
     return _report_outcome(run_experiment(args.config, args.out, html=args.html,
                                           progress=not args.no_progress,
                                           allow_code=args.allow_code,
@@ -98,9 +214,9 @@ def _cmd_experiment(args) -> int:
 
 
 def _report_outcome(result) -> int:
-    print(f"{sum(r['status'] == 'done' for r in result.runs)} of {len(result.runs)} runs "
-          f"measured; report in {result.report}")
-    return 0
+    done = sum(r["status"] == "done" for r in result.runs)
+    print(f"{done} of {len(result.runs)} runs measured; report in {result.report}")
+    return 0 if done == len(result.runs) else 1
 
 
 def _bytes(text: str) -> int:
@@ -149,6 +265,7 @@ def _cmd_demo(args) -> int:
         return 0
     from .pipelines.demo import run_demo
 
+    check_writable(args.out, folder=True)
     return _report_outcome(run_demo(args.out, epochs=args.epochs, html=args.html,
                                     progress=not args.no_progress))
 
@@ -159,125 +276,186 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    """'0.5' or '0.485,0.456,0.406': one value for every channel, or one per channel."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got "
+                                         f"{text!r}") from None
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .io.datasets import MEAN, STD
     from .measure.plan import PRESETS
     from .measure.transferability import METRICS
     from .ops.dispatch import BACKENDS
+    from .report.figures import FORMATS
 
     parser = argparse.ArgumentParser(
-        prog="transfer-fast",
+        prog="transfer-fast", formatter_class=_HelpFormatter, epilog=_epilog(),
         description="Layer-wise transferability T = D(random, finetuned) / "
                     "D(pretrained, finetuned) of pre-trained networks.")
+    parser.add_argument("-V", "--version", action="version",
+                        version=f"transfer-fast {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     # Also accepted after the subcommand; SUPPRESS keeps it from resetting the global flag.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    m = sub.add_parser("measure", parents=[common],
-                       help="T per layer group for one fine-tuned checkpoint")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=help, description=help,
+                              formatter_class=_HelpFormatter, epilog=_epilog())
+
+    def measure_options(p, what: str) -> None:
+        p.add_argument("-p", "--preset", default="auto", choices=PRESETS,
+                       help="tensor selection and grouping; 'paper' = the authors' script, "
+                            "'auto' picks one from the names")
+        p.add_argument("-m", "--metric", default="l1_mean", choices=tuple(METRICS),
+                       help=f"distance between parameter sets {what}")
+        p.add_argument("--backend", default="auto", choices=BACKENDS,
+                       help="kernels: 'auto' the fastest for the tensors' device")
+
+    def figure_format(p) -> None:
+        p.add_argument("-f", "--format", default="png", choices=FORMATS,
+                       help="file format of the figures")
+
+    m = command("measure", "T per layer group for one fine-tuned checkpoint")
     m.add_argument("-r", "--random", required=True, help="random init θr (.pt/.pth/.safetensors)")
     m.add_argument("-a", "--pretrained", required=True, help="pre-trained θA")
     m.add_argument("-b", "--finetuned", required=True, help="fine-tuned θB")
-    m.add_argument("--preset", default="auto", choices=PRESETS,
-                   help="tensor selection and grouping; 'paper' = the authors' script")
-    m.add_argument("--metric", default="l1_mean", choices=tuple(METRICS))
-    m.add_argument("--backend", default="auto", choices=BACKENDS)
-    m.add_argument("--json", help="write the result as JSON")
-    m.add_argument("--csv", help="write the per-group table as CSV")
-    m.add_argument("--plot", help="write a PNG of T per group")
+    measure_options(m, "(per tensor, averaged per group)")
+    m.add_argument("--json", metavar="FILE",
+                   help="write the result as JSON ('-': stdout; the table goes to stderr) "
+                        "(default: not written)")
+    m.add_argument("--csv", metavar="FILE",
+                   help="write the per-group table as CSV ('-': stdout; the table goes to "
+                        "stderr) (default: not written)")
+    m.add_argument("--plot", metavar="FILE",
+                   help="write a figure of T per group, in the format of the suffix "
+                        "(.png, .pdf, .svg) (default: not written)")
     m.set_defaults(func=_cmd_measure)
 
-    sc = sub.add_parser("scan", parents=[common],
-                        help="T of many fine-tuned checkpoints into a resumable run folder")
+    sc = command("scan", "T of many fine-tuned checkpoints into a resumable run folder")
     sc.add_argument("finetuned", nargs="*", help="fine-tuned checkpoints (or --manifest)")
-    sc.add_argument("--random", help="random init θr (or a 'random' manifest column)")
-    sc.add_argument("--pretrained", help="pre-trained θA (or a 'pretrained' manifest column)")
-    sc.add_argument("--manifest", help="CSV with a 'path' column and any user columns")
-    sc.add_argument("--out", required=True, help="run folder; rerunning it resumes")
-    sc.add_argument("--preset", default="auto", choices=PRESETS)
-    sc.add_argument("--metric", default="l1_mean", choices=tuple(METRICS))
-    sc.add_argument("--backend", default="auto", choices=BACKENDS)
-    sc.add_argument("--max-memory", type=_bytes, default=None,
+    sc.add_argument("-r", "--random", help="random init θr (default: a 'random' manifest "
+                                           "column)")
+    sc.add_argument("-a", "--pretrained", help="pre-trained θA (default: a 'pretrained' "
+                                               "manifest column)")
+    sc.add_argument("--manifest", metavar="CSV",
+                    help="CSV with a 'path' column, optional 'random', 'pretrained', 'label' "
+                         "or 'run' (names in the figures) columns and any columns of your own "
+                         "(default: the checkpoints given as arguments)")
+    sc.add_argument("-o", "--out", required=True, help="run folder; rerunning it resumes")
+    measure_options(sc, "(per tensor, averaged per group)")
+    sc.add_argument("--max-memory", type=_bytes, default=None, metavar="SIZE",
                     help="bytes of fine-tuned tensors in flight, e.g. 512M (sets the batch "
                          "size K; default a quarter of free RAM or half of free GPU memory)")
     sc.add_argument("--pairwise", action="store_true",
                     help="also the cosine/L2 matrix of the fine-tuning updates")
-    sc.add_argument("--no-plots", action="store_true", help="tables only, no PNGs")
+    figure_format(sc)
+    sc.add_argument("--no-plots", action="store_true", help="tables only, no figures")
     sc.add_argument("--no-progress", action="store_true", help="no progress bar")
     sc.set_defaults(func=_cmd_scan)
 
-    g = sub.add_parser("gap", parents=[common],
-                       help="domain gap G, intraclass variance D and data amount N of a data "
-                            "set under a pre-trained model")
+    g = command("gap", "domain gap G, intraclass variance D and data amount N of a data set "
+                       "under a pre-trained model")
     g.add_argument("--model", required=True, help="pre-trained checkpoint (.pt/.safetensors)")
     g.add_argument("--arch", required=True,
-                   help="resnet18/34/50, tiny-resnet, or package.module:function")
-    g.add_argument("--data", required=True,
-                   help="folder of images in class subfolders, or .npz with x and y")
-    g.add_argument("--out", default="runs/gap", help="output folder (default runs/gap)")
-    g.add_argument("--metric", default="w2", choices=("w2", "skl"),
+                   help="resnet18/34/50, tiny-resnet, or package.module:function (with "
+                        "--allow-code)")
+    g.add_argument("-d", "--data", required=True,
+                   help="folder of images in class subfolders (streamed), or .npz with x and y")
+    g.add_argument("-o", "--out", default="runs/gap", help="output folder")
+    g.add_argument("-m", "--metric", default="w2", choices=("w2", "skl"),
                    help="BN-statistics gap: 2-Wasserstein or symmetric KL")
-    g.add_argument("--batch-size", type=_positive_int, default=64)
+    g.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch")
     g.add_argument("--image-size", type=_positive_int, default=None,
-                   help="resize images (default 224 for folders, as stored for .npz)")
-    g.add_argument("--reference-stats",
+                   help="resize images to this square side (default 224 for folders, as "
+                        "stored for .npz)")
+    g.add_argument("--mean", type=_floats, default=(MEAN,), metavar="M[,M,M]",
+                   help="normalisation mean of pixels in [0, 1]: one value, or one per "
+                        f"channel (default: {MEAN}, the paper's)")
+    g.add_argument("--std", type=_floats, default=(STD,), metavar="S[,S,S]",
+                   help=f"normalisation std: one value, or one per channel (default: {STD}, "
+                        "the paper's)")
+    g.add_argument("-w", "--workers", type=_count, default=None,
+                   help="DataLoader processes decoding an image folder; 0 decodes in this "
+                        "process (default: the usable CPUs less one, at most 8)")
+    g.add_argument("--reference-stats", metavar="FILE",
                    help="FeatureStats .safetensors of the pre-training data (from --save-stats)"
-                        ": adds the Fréchet distance of the penultimate features")
-    g.add_argument("--save-stats", help="save this data's FeatureStats to a .safetensors file")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    g.add_argument("--backend", default="auto", choices=BACKENDS)
-    g.add_argument("--no-plots", action="store_true", help="tables only, no PNG")
+                        ": adds the Fréchet distance of the penultimate features (default: "
+                        "none)")
+    g.add_argument("--save-stats", metavar="FILE",
+                   help="save this data's FeatureStats to a .safetensors file (default: not "
+                        "saved)")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: a GPU when "
+                                                  "present)")
+    g.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="kernels of the statistics")
+    figure_format(g)
+    g.add_argument("--no-plots", action="store_true", help="tables only, no figure")
     g.add_argument("--allow-code", action="store_true",
-                   help="allow --arch package.module:function to import your code")
+                   help="allow --arch package.module:function to import your code (from "
+                        "the working folder too)")
     g.set_defaults(func=_cmd_gap)
 
-    rk = sub.add_parser("rank", parents=[common],
-                        help="transferability scores (LogME, H-score, TransRate, NCE, LEEP) of "
-                             "candidate models on one data set, before fine-tuning")
+    rk = command("rank", "transferability scores (LogME, H-score, TransRate, NCE, LEEP) of "
+                         "candidate models on one data set, before fine-tuning")
     rk.add_argument("models", nargs="*", help="candidate checkpoints (or --manifest)")
-    rk.add_argument("--manifest", help="CSV with a 'path' column, optional 'arch' and 'label' "
-                                       "columns and any columns of your own")
+    rk.add_argument("--manifest", metavar="CSV",
+                    help="CSV with a 'path' column, optional 'arch' and 'label' columns and "
+                         "any columns of your own (default: the models given as arguments)")
     rk.add_argument("--arch", help="architecture of every model: resnet18/34/50, tiny-resnet, "
-                                   "or package.module:function (needs --allow-code)")
+                                   "or package.module:function (needs --allow-code; default: "
+                                   "an 'arch' manifest column)")
     rk.add_argument("--allow-code", action="store_true",
-                    help="allow --arch package.module:function to import your code")
-    rk.add_argument("--data", required=True,
+                    help="allow --arch package.module:function to import your code (from "
+                         "the working folder too)")
+    rk.add_argument("-d", "--data", required=True,
                     help="folder of images in class subfolders, or .npz with x and y")
-    rk.add_argument("--out", required=True, help="run folder; rerunning it resumes")
-    rk.add_argument("--batch-size", type=_positive_int, default=64, help="default 64")
+    rk.add_argument("-o", "--out", required=True, help="run folder; rerunning it resumes")
+    rk.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch")
     rk.add_argument("--image-size", type=_positive_int, default=None,
                     help="resize images (default 224 for folders, as stored for .npz)")
     rk.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: a GPU "
                                                    "when present)")
-    rk.add_argument("--backend", default="auto", choices=BACKENDS, help="default auto")
+    rk.add_argument("--backend", default="auto", choices=BACKENDS,
+                    help="kernels of the statistics")
     rk.add_argument("--no-plots", action="store_true", help="table only, no scores.png")
     rk.add_argument("--no-progress", action="store_true", help="no progress bars")
     rk.set_defaults(func=_cmd_rank)
 
-    x = sub.add_parser("experiment", parents=[common],
-                       help="pre-train, fine-tune a grid of tasks x data amounts x seeds, "
-                            "measure T, G, D, N, fit the model, write report.md")
+    x = command("experiment", "pre-train, fine-tune a grid of tasks x data amounts x seeds, "
+                              "measure T, G, D, N, fit the model, write report.md")
     x.add_argument("config", help="TOML config (see `transfer-fast demo --print-config`)")
-    x.add_argument("--out", default=None,
+    x.add_argument("-o", "--out", default=None,
                    help="run folder (default runs/<experiment.name>); rerunning resumes")
     x.add_argument("--html", action="store_true", help="also one self-contained report.html")
     x.add_argument("--no-progress", action="store_true", help="no progress bars")
     x.add_argument("--allow-code", action="store_true",
-                   help="allow model.arch = 'package.module:function' to import your code")
+                   help="allow model.arch = 'package.module:function' to import your code "
+                        "(from the working folder too)")
     x.add_argument("--allow-large", action="store_true",
                    help="allow a grid beyond the documented limits of runs and memory")
     x.set_defaults(func=_cmd_experiment)
 
-    i = sub.add_parser("info", parents=[common],
-                       help="versions, available backends, built architectures")
+    i = command("info", "versions, available backends, built architectures")
     i.set_defaults(func=_cmd_info)
 
-    d = sub.add_parser("demo", parents=[common],
-                       help="the paper's study in miniature on scikit-learn's digits: "
-                            "pre-train, fine-tune 40 runs, report.md with figures")
-    d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    d = command("demo", "the paper's study in miniature on scikit-learn's digits: pre-train, "
+                        "fine-tune 40 runs, report.md with figures (needs scikit-learn)")
+    d.add_argument("-o", "--out", default="runs/demo", help="run folder")
     d.add_argument("--epochs", type=_positive_int, default=None,
                    help="epochs of both training stages (default: the config's 30 and 20)")
     d.add_argument("--html", action="store_true", help="also one self-contained report.html")
@@ -289,8 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 1 some scan rows failed, 2 bad input or an OS error (one line,
-    naming the file, tensor or value), 3 a bug (traceback), 130 interrupted."""
+    """Runs one command; returns its exit status (EXIT_STATUS): 0 done, 1 some rows
+    failed, 2 bad input or an OS error (one line, naming the file, tensor or value), 3 a
+    bug (traceback), 130 interrupted."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

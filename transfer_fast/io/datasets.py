@@ -1,8 +1,12 @@
-"""Downstream data sets for the domain gap: an image folder or an .npz, as one tensor.
+"""Downstream data sets for the domain gap: an image folder or an .npz.
 
-Both become normalised float32 images (N, C, H, W) and int64 labels (N,), with
-the paper's preprocessing (PAPER.md section 4): pixels in [0, 1], then
-(x - 0.5) / 0.225 per channel.
+Both become normalised float32 images (N, C, H, W) and int64 labels (N,), by default
+with the paper's preprocessing (PAPER.md section 4): pixels in [0, 1], then
+(x - 0.5) / 0.225 per channel (`mean`/`std` choose others, per channel).
+
+`load_dataset` holds the whole set as one tensor (small sets, the experiment's
+tasks); `io.data_stream.open_dataset` streams an image folder instead, decoding it in
+DataLoader workers, so a large folder never sits in memory.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import TransferFastError, first_few
 
-MEAN, STD = 0.5, 0.225
+MEAN, STD = 0.5, 0.225  # the paper's, for every channel
 DEFAULT_IMAGE_SIZE = 224  # the paper's input size for folders of images
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Pillow's "L" conversion (ITU-R 601-2 luma), so npz and folder data turn grey alike.
@@ -56,7 +60,8 @@ class LoadedData:
 
 
 def load_dataset(path: str | Path, *, image_size: int | None = None,
-                 channels: int | None = None) -> LoadedData:
+                 channels: int | None = None, mean: float | Sequence[float] = MEAN,
+                 std: float | Sequence[float] = STD) -> LoadedData:
     """Read `root/<class>/<image>` folders or an .npz with arrays `x` and `y`.
 
     Folders: class index = position in the sorted subfolder names (torchvision's
@@ -68,10 +73,19 @@ def load_dataset(path: str | Path, *, image_size: int | None = None,
     (N,); an optional string array `classes` names the labels. uint8 x is scaled
     and normalised like images; float x is taken as already preprocessed, as is.
     image_size, if given, resizes (bilinear, antialiased); channels, if given,
-    turns 1 channel into 3 (repeat) or 3 into 1 (luma).
+    turns 1 channel into 3 (repeat) or 3 into 1 (luma). mean and std (one value, or
+    one per channel of the result) normalise pixels in [0, 1] as (x - mean) / std.
 
     Raises TransferFastError naming the file for anything that cannot be used.
     """
+    path = _check_options(path, image_size, channels)
+    if path.is_dir():
+        return _load_folder(path, image_size or DEFAULT_IMAGE_SIZE, channels, mean, std)
+    return _load_npz(path, image_size, channels, mean, std)
+
+
+def _check_options(path: str | Path, image_size, channels) -> Path:
+    """The path, once it exists and is a folder or an .npz and the sizes are sane."""
     path = Path(path)
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
                                    or not 1 <= image_size <= MAX_IMAGE_SIDE):
@@ -81,11 +95,31 @@ def load_dataset(path: str | Path, *, image_size: int | None = None,
         raise TransferFastError(f"channels must be 1 or 3, got {channels!r}")
     if not path.exists():
         raise TransferFastError(f"{path}: not found")
-    if path.is_dir():
-        return _load_folder(path, image_size or DEFAULT_IMAGE_SIZE, channels)
-    if path.suffix.lower() == ".npz":
-        return _load_npz(path, image_size, channels)
-    raise TransferFastError(f"{path}: expected a folder of class subfolders or an .npz file")
+    if not path.is_dir() and path.suffix.lower() != ".npz":
+        raise TransferFastError(f"{path}: expected a folder of class subfolders or an .npz file")
+    return path
+
+
+def normalisation(mean: float | Sequence[float], std: float | Sequence[float],
+                  channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std as float32 (channels, 1, 1) tensors: one value is used for every
+    channel, otherwise one per channel. TransferFastError for another count, a value
+    that is not finite, or a std that is not positive."""
+    out = []
+    for name, value in (("mean", mean), ("std", std)):
+        values = [value] if isinstance(value, (int, float)) else list(value)
+        try:
+            values = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise TransferFastError(f"{name} must be numbers, got {value!r}") from None
+        if len(values) not in (1, channels):
+            raise TransferFastError(f"{name} has {len(values)} values for {channels}-channel "
+                                    f"images: give 1 or {channels}")
+        if not all(math.isfinite(v) for v in values) or (name == "std" and min(values) <= 0):
+            raise TransferFastError(f"{name} must be finite{' and positive' * (name == 'std')}"
+                                    f", got {value!r}")
+        out.append(torch.tensor(values, dtype=torch.float32).expand(channels).reshape(-1, 1, 1))
+    return out[0], out[1]
 
 
 def dataset_bytes(path: str | Path) -> int:
@@ -109,7 +143,8 @@ def _image_files(folder: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def _load_folder(root: Path, size: int, channels: int | None) -> LoadedData:
+def _folder_files(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """(class names, [(image file, class index)]) of `root/<class>/<image>`."""
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         loose = _image_files(root)
@@ -121,7 +156,43 @@ def _load_folder(root: Path, size: int, channels: int | None) -> LoadedData:
     if not files:
         raise TransferFastError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its "
                                 f"class subfolders {first_few(classes)}")
+    return classes, files
+
+
+def _decode(file: Path, mode: str, size: int) -> np.ndarray | str:
+    """uint8 (size, size, C) pixels of one image file, or why it cannot be read."""
+    try:
+        with Image.open(file) as img:
+            img = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+            pixels = np.array(img, dtype=np.uint8)  # a writable copy, as torch wants
+    # Pillow reports broken files as any of these; DecompressionBombError is
+    # not an OSError, and a bomb is as unusable as a corrupt file.
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        # Pillow repeats the full path, which the entry already names.
+        return str(exc).replace(f" '{file}'", "") or type(exc).__name__
+    return pixels.reshape(size, size, -1)
+
+
+def _report_folder(root: Path, classes: list[str], total: int, counts: list[int],
+                   skipped: list[tuple[str, str]]) -> None:
+    """After reading a folder: TransferFastError if no image could be read, else warnings
+    for the skipped files and the classes left without images."""
+    if skipped:
+        summary = first_few([f"{f} ({why})" for f, why in skipped], 3)
+        if sum(counts) == 0:
+            raise TransferFastError(f"{root}: none of the {total} image files could be "
+                                    f"read: {summary}")
+        warnings.warn(f"{root}: skipped {len(skipped)} of {total} files: {summary}",
+                      stacklevel=4)
+    empty = [name for name, count in zip(classes, counts) if count == 0]
+    if empty:
+        warnings.warn(f"{root}: classes without images: {first_few(empty)}", stacklevel=4)
+
+
+def _load_folder(root: Path, size: int, channels: int | None, mean, std) -> LoadedData:
+    classes, files = _folder_files(root)
     mode, c = ("L", 1) if channels == 1 else ("RGB", 3)
+    m, s = normalisation(mean, std, c)
     _check_bytes(root, (len(files), c, size, size))
     # One allocation up front; unreadable files leave unused rows at the end.
     x = torch.empty((len(files), c, size, size), dtype=torch.float32)
@@ -130,32 +201,16 @@ def _load_folder(root: Path, size: int, channels: int | None) -> LoadedData:
     n = 0
     for file, label in tqdm(files, desc=f"reading {root.name}", unit="img", leave=False,
                             disable=None):
-        try:
-            with Image.open(file) as img:
-                img = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
-                pixels = np.array(img, dtype=np.uint8)  # a writable copy, as torch wants
-        # Pillow reports broken files as any of these; DecompressionBombError is
-        # not an OSError, and a bomb is as unusable as a corrupt file.
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            # Pillow repeats the full path, which the entry already names.
-            reason = str(exc).replace(f" '{file}'", "") or type(exc).__name__
-            skipped.append((file.relative_to(root).as_posix(), reason))
+        pixels = _decode(file, mode, size)
+        if isinstance(pixels, str):
+            skipped.append((file.relative_to(root).as_posix(), pixels))
             continue
-        x[n] = torch.from_numpy(pixels.reshape(size, size, c)).permute(2, 0, 1)
+        x[n] = torch.from_numpy(pixels).permute(2, 0, 1)
         y[n] = label
         n += 1
-    if skipped:
-        summary = first_few([f"{f} ({why})" for f, why in skipped], 3)
-        if n == 0:
-            raise TransferFastError(f"{root}: none of the {len(files)} image files could be "
-                                    f"read: {summary}")
-        warnings.warn(f"{root}: skipped {len(skipped)} of {len(files)} files: {summary}",
-                      stacklevel=3)
-    counts = torch.bincount(y[:n], minlength=len(classes))
-    empty = [name for name, count in zip(classes, counts.tolist()) if count == 0]
-    if empty:
-        warnings.warn(f"{root}: classes without images: {first_few(empty)}", stacklevel=3)
-    x = x[:n].div_(255.0).sub_(MEAN).div_(STD)
+    counts = torch.bincount(y[:n], minlength=len(classes)).tolist()
+    _report_folder(root, classes, len(files), counts, skipped)
+    x = x[:n].div_(255.0).sub_(m).div_(s)
     return LoadedData(x, y[:n], classes, skipped, str(root))
 
 
@@ -249,33 +304,40 @@ def _check_npz(path: Path, x: np.ndarray, y: np.ndarray, names: np.ndarray | Non
         raise TransferFastError(f"{path}: {problem}")
 
 
-def _load_npz(path: Path, size: int | None, channels: int | None) -> LoadedData:
+def _load_npz(path: Path, size: int | None, channels: int | None, mean, std) -> LoadedData:
     arrays = _read_npz(path)
     names = arrays.get("classes")
     x, channels_last = _nchw(arrays["x"], path)
     y = arrays["y"]
     _check_npz(path, x, y, names)
     c, h, w = (x.shape[3], *x.shape[1:3]) if channels_last else x.shape[1:]
+    target = channels or c
     out_hw = (size, size) if size else (h, w)
     if max(h, w) > MAX_IMAGE_SIDE:
         raise TransferFastError(f"{path}: images of {h}x{w} pixels: more than "
                                 f"{MAX_IMAGE_SIDE} on a side is not supported")
-    _check_bytes(path, (len(x), max(c, channels or c), *out_hw))
-    out = torch.empty((len(x), c, *out_hw), dtype=torch.float32)
+    pixels = x.dtype == np.uint8
+    m, s = normalisation(mean, std, target) if pixels else (None, None)
+    _check_bytes(path, (len(x), max(c, target), *out_hw))
+    out = torch.empty((len(x), target, *out_hw), dtype=torch.float32)
     for start in range(0, len(x), _CHUNK):
         chunk = torch.from_numpy(np.ascontiguousarray(x[start:start + _CHUNK])).float()
         if channels_last:
             chunk = chunk.permute(0, 3, 1, 2)
         if not torch.isfinite(chunk).all():
             raise TransferFastError(f"{path}: x holds NaN or Inf values")
-        if x.dtype == np.uint8:
-            chunk = chunk.div_(255.0).sub_(MEAN).div_(STD)
+        # Channels are converted on pixels in [0, 1], as Pillow converts a folder's
+        # images, and then normalised with the target's per-channel mean and std.
+        if pixels:
+            chunk = chunk.div_(255.0)
+        if target != c:
+            chunk = _match_channels(chunk, target, path)
+        if pixels:
+            chunk = chunk.sub_(m).div_(s)
         if size:
             chunk = F.interpolate(chunk, size=out_hw, mode="bilinear", align_corners=False,
                                   antialias=True)
         out[start:start + len(chunk)] = chunk
-    if channels is not None and channels != c:
-        out = _match_channels(out, channels, path)
     classes = ([str(n) for n in names] if names is not None
                else [str(i) for i in range(int(y.max()) + 1)])
     return LoadedData(out, torch.from_numpy(y.astype(np.int64)), classes, [], str(path))
@@ -284,8 +346,9 @@ def _load_npz(path: Path, size: int | None, channels: int | None) -> LoadedData:
 def _match_channels(x: torch.Tensor, channels: int, path: Path) -> torch.Tensor:
     """(N, 1 or 3, H, W) -> (N, channels, H, W) by repeating, or by luma.
 
-    Repeating, and the luma weights summing to 1, make converting after the
-    normalisation equal to converting the pixels before it, as folders do.
+    Float images (already preprocessed) are converted as they are: repeating, and the
+    luma weights summing to 1, make that equal to converting the pixels first when the
+    normalisation is the same for every channel.
     """
     if x.shape[1] == 1 and channels == 3:
         return x.expand(-1, 3, -1, -1).contiguous()
@@ -301,3 +364,4 @@ def batches(data: LoadedData, batch_size: int) -> Iterator[tuple[torch.Tensor, t
         raise TransferFastError(f"batch_size must be a positive integer, got {batch_size!r}")
     return ((data.x[i:i + batch_size], data.y[i:i + batch_size])
             for i in range(0, len(data), batch_size))
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,12 +64,40 @@ class SimilarityResult:
 
 
 def default_labels(sources: Sequence[StateSource]) -> list[str]:
-    """File stems for paths, else the position; whole paths where stems repeat."""
-    stems = [Path(s).stem if isinstance(s, (str, Path)) else str(i)
-             for i, s in enumerate(sources)]
-    if len(set(stems)) == len(stems):
-        return stems
-    return [str(s) if isinstance(s, (str, Path)) else str(i) for i, s in enumerate(sources)]
+    """Short unique names: for paths the shortest trailing part of the path that tells
+    it apart (the file stem when that is unique, `run_3/model` for many
+    `.../run_<k>/model.safetensors`), for anything else the position.
+
+    Each path gets the fewest trailing folders needed for its own label to be unique;
+    the extension is dropped unless that makes two labels equal. A path listed twice
+    gets its position after it (`model.pt#4`).
+    """
+    parts = [tuple(x for x in Path(s).parts if x != Path(s).anchor)
+             if isinstance(s, (str, Path)) else () for s in sources]
+    for stem in (True, False):
+        labels = _suffix_labels(parts, stem)
+        if len(set(labels)) == len(labels):
+            return labels
+    count = Counter(labels)
+    return [f"{x}#{i}" if count[x] > 1 else x for i, x in enumerate(labels)]
+
+
+def _suffix_labels(parts: list[tuple[str, ...]], stem: bool) -> list[str]:
+    """Per path, its shortest trailing part that no other path ends with (the whole
+    path when none is); the position for an empty one."""
+    def tail(p: tuple[str, ...], depth: int) -> str:
+        last = Path(p[-1]).stem if stem else p[-1]
+        return "/".join((*p[len(p) - depth:-1], last))
+
+    labels: list[str | None] = [None if p else str(i) for i, p in enumerate(parts)]
+    for depth in range(1, max(map(len, parts), default=0) + 1):
+        if all(x is not None for x in labels):
+            break
+        count = Counter(tail(p, depth) for p in parts if len(p) >= depth)
+        for i, p in enumerate(parts):
+            if labels[i] is None and (count[tail(p, depth)] == 1 or depth == len(p)):
+                labels[i] = tail(p, depth)
+    return [str(x) for x in labels]
 
 
 def _update(finetuned: torch.Tensor, pretrained: torch.Tensor,

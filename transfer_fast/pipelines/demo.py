@@ -8,8 +8,10 @@ explanatory model fitted (`experiment_config.DEMO_CONFIG`, run by `run_experimen
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
+from ..errors import TransferFastError
 from .experiment import ExperimentResult, run_experiment
 from .experiment_config import DEMO_CONFIG, tomllib
 
@@ -24,5 +26,10 @@ def demo_config(epochs: int | None = None) -> dict:
 
 def run_demo(out: str | Path = "runs/demo", *, epochs: int | None = None, html: bool = False,
              progress: bool = True) -> ExperimentResult:
-    """Runs (or resumes) the demo experiment into `out`: report.md, figures/, runs.csv..."""
+    """Runs (or resumes) the demo experiment into `out`: report.md, figures/, runs.csv...
+
+    Raises TransferFastError, before anything runs, when scikit-learn (whose digits
+    data set the demo uses) is not installed: it is an optional dependency."""
+    if importlib.util.find_spec("sklearn") is None:
+        raise TransferFastError("the demo needs scikit-learn: pip install scikit-learn")
     return run_experiment(demo_config(epochs), out, html=html, progress=progress)

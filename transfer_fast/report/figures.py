@@ -4,13 +4,18 @@ writes one.
 Nothing here measures or decides: the functions draw the numbers they are given, all in
 one style (`STYLE`, the reference line at T = 1, the colours). `save_figure` is the only
 way a figure reaches a file: through io.files.atomic_write, in the format the path's
-suffix names, and the figure is closed.
+suffix names (`FORMATS`; `figure_path` picks the suffix), and the figure is closed.
+
+Figures stay readable for a few hundred checkpoints x a hundred groups: sizes grow with
+the counts up to a cap, tick labels are thinned and shortened, titles wrapped to the
+figure's width, and the constrained layout keeps every label inside the canvas.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,13 +23,20 @@ from ..errors import TransferFastError
 from ..io.files import atomic_write
 
 # rcParams every figure is drawn under (the caller's own rcParams are left as they were).
-STYLE = {"figure.constrained_layout.use": True, "axes.titlesize": "medium",
-         "legend.fontsize": 8, "image.interpolation": "nearest"}
+STYLE = {"figure.constrained_layout.use": True, "font.size": 9, "axes.titlesize": 10,
+         "axes.labelsize": 9, "figure.titlesize": 11, "xtick.labelsize": 8,
+         "ytick.labelsize": 8, "legend.fontsize": 8, "image.interpolation": "nearest",
+         "savefig.dpi": 150}
+FORMATS = ("png", "pdf", "svg")  # what --format offers; save_figure takes any matplotlib has
+DPI = 150  # raster formats; pdf and svg are vector and ignore it
 _MAIN, _MEAN = "tab:blue", "tab:red"  # the measured values; their mean or overall
 _UNIT = {"color": "0.3", "lw": 0.8, "ls": ":"}  # T = 1: where pre-training stops helping
 _T = "T = D(r,B) / D(A,B)"
 _MAX_TICKS = 40  # more labels than this on one axis overlap: every n-th is shown instead
 _MAX_LABELLED = 15  # more point labels than this overlap into an unreadable plot
+_MAX_LABEL_CHARS = 28  # longer tick labels keep their end ("…run_017/model")
+_MAX_ANNOTATED = 8  # matrices up to this side get their values written in the cells
+_MAX_SIDE = 16.0  # inches: figures grow with the counts up to this
 
 
 def pyplot():
@@ -37,10 +49,23 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: str | Path, *, dpi: int = 150) -> Path:
+def figure_path(folder: str | Path, name: str, fmt: str = "png") -> Path:
+    """`folder/name.fmt` for one of FORMATS; TransferFastError for another format."""
+    fmt = check_format(fmt)
+    return Path(folder) / f"{name}.{fmt}"
+
+
+def check_format(fmt: str) -> str:
+    """`fmt` in lower case if it is one of FORMATS, else TransferFastError."""
+    if not isinstance(fmt, str) or fmt.lower().lstrip(".") not in FORMATS:
+        raise TransferFastError(f"figure format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    return fmt.lower().lstrip(".")
+
+
+def save_figure(fig, path: str | Path, *, dpi: int = DPI) -> Path:
     """Writes `fig` to `path` atomically, in the format of its suffix (png, pdf, svg...;
-    png without one), and closes it. Raises TransferFastError naming `path` for a format
-    matplotlib lacks or a failed write."""
+    png without one), and closes it. `dpi` applies to raster formats. Raises
+    TransferFastError naming `path` for a format matplotlib lacks or a failed write."""
     path = Path(path)
     fmt = path.suffix[1:].lower() or "png"
     try:
@@ -69,12 +94,37 @@ def plain_log_axes(*axes) -> None:
                 axis.set_minor_formatter(NullFormatter())
 
 
+def wrap_title(text: str, fig, *, share: float = 1.0, size: float = 10.0) -> str:
+    """`text` broken into lines that fit `share` of the figure's width at `size` points
+    (an average character is taken as 0.55 em), so a long title is never clipped."""
+    chars = max(20, int(fig.get_figwidth() * share * 72 / (0.55 * size)))
+    return "\n".join(textwrap.fill(line, chars) for line in text.splitlines())
+
+
+def short_label(label: str, limit: int = _MAX_LABEL_CHARS) -> str:
+    """A tick label of at most `limit` characters: the end is kept, where paths differ."""
+    label = str(label)
+    return label if len(label) <= limit else "…" + label[-(limit - 1):]
+
+
+def _side(count: int, per_item: float, base: float, cap: float = _MAX_SIDE) -> float:
+    """Inches for `count` rows or columns: `base` plus `per_item` each, at most `cap`."""
+    return min(base + per_item * count, cap)
+
+
+def _thinned(count: int, max_ticks: int, lead: str = ", ") -> str:
+    """The note an axis label gets when label_axis names only every n-th of `count` items."""
+    step = math.ceil(count / max_ticks)
+    return "" if step == 1 else f"{lead}1 in {step} named" + (")" if lead.endswith("(") else "")
+
+
 def label_axis(ax, axis: str, labels: list[str], max_ticks: int = _MAX_TICKS) -> None:
-    """Tick labels on 'x' (long ones rotated) or 'y', smaller and thinned out as they grow."""
+    """Tick labels on 'x' (long ones rotated) or 'y', smaller, shortened and thinned out
+    (every n-th) as they grow."""
     ticks = list(range(0, len(labels), math.ceil(len(labels) / max_ticks)))
     # Figures grow with the counts (up to a cap), so a label's room shrinks only slowly.
     size = 8 if len(ticks) <= 20 else 7 if len(ticks) <= 40 else 6
-    names = [labels[i] for i in ticks]
+    names = [short_label(labels[i]) for i in ticks]
     if axis == "x" and max(map(len, names)) <= 4:  # short labels ('0', '12') stay upright
         ax.set_xticks(ticks, names, fontsize=size)
     elif axis == "x":
@@ -195,19 +245,20 @@ def heatmap_figure(labels: list[str], groups: list[str], values: list[list[float
     _check_table(labels, groups, values)
     data = np.ma.masked_invalid(np.asarray(values, dtype=np.float64))  # NaN/inf -> grey
     rows, cols = data.shape
-    fig, ax = plt.subplots(figsize=(min(3.5 + 0.28 * cols, 20.0), min(2.0 + 0.22 * rows, 16.0)))
+    fig, ax = plt.subplots(figsize=(_side(cols, 0.2, 5.0), _side(rows, 0.16, 3.0)))
     image = ax.imshow(data, aspect="auto", cmap=plt.get_cmap("viridis").with_extremes(bad="0.75"))
     label_axis(ax, "x", groups)
     label_axis(ax, "y", labels)
-    ax.set_xlabel("layer group (network order)")
-    ax.set_ylabel("checkpoint")
-    note = "\n(grey: NaN or inf)" if data.mask.any() else ""
-    bar = fig.colorbar(image, ax=ax, shrink=0.9)
-    bar.set_label(f"{_T}{note}")
+    ax.set_xlabel("layer group (network order" + _thinned(cols, _MAX_TICKS) + ")")
+    ax.set_ylabel("checkpoint" + _thinned(rows, _MAX_TICKS, " ("))
+    bar = fig.colorbar(image, ax=ax, shrink=0.9, fraction=0.05, pad=0.02)
+    bar.set_label(_T)
     low, high = image.get_clim()
     if low < 1.0 < high:
         bar.ax.axhline(1.0, color="white", lw=1.5)
-    ax.set_title(title or f"Transferability T of {rows} checkpoints")
+    note = "  (grey: NaN or inf)" if data.mask.any() else ""
+    ax.set_title(wrap_title((title or f"Transferability T of {rows} checkpoints x {cols} groups")
+                            + note, fig, share=0.8))
     return fig
 
 
@@ -219,20 +270,20 @@ def group_curves_figure(labels: list[str], groups: list[str], values: list[list[
     _check_table(labels, groups, values)
     shown = min(len(labels), max_curves)
     colors = plt.get_cmap("tab10" if shown <= 10 else "tab20").colors
-    fig, ax = plt.subplots(figsize=(min(max(6.0, 0.3 * len(groups) + 3.0), 20.0), 4.5))
+    fig, ax = plt.subplots(figsize=(_side(len(groups), 0.2, 6.0), 4.5))
     gaps = False
     for k in range(shown):
         row = _finite(values[k])
         gaps = gaps or any(math.isnan(v) for v in row)
         ax.plot(range(len(groups)), row, marker="o", ms=3, lw=1.2, color=colors[k % len(colors)],
-                label=labels[k])
+                label=short_label(labels[k]))
     ax.axhline(1.0, **_UNIT, label="T = 1 (no benefit)")
     label_axis(ax, "x", groups)
     ax.set_ylabel(_T + ("   (gaps: NaN or inf)" if gaps else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     more = f" (first {shown} of {len(labels)})" if shown < len(labels) else ""
-    ax.set_title(title or f"Transferability per layer group{more}")
+    ax.set_title(wrap_title(title or f"Transferability per layer group{more}", fig, share=0.7))
     return fig
 
 
@@ -255,8 +306,8 @@ def similarity_figure(labels: list[str], cosine: list[list[float]], l2: list[lis
 
     plt = pyplot()
     k = len(labels)
-    side = min(max(3.0, 0.2 * k + 1.5), 10.0)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 2.5, side + 1.0))
+    side = max(3.5, _side(k, 0.12, 2.5, cap=8.0))
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 2.5, side + 1.2))
     cos = np.ma.masked_invalid(np.asarray(cosine, dtype=np.float64))
     dist = np.ma.masked_invalid(np.asarray(l2, dtype=np.float64))
     # The diagonal is always 1: scale the colours to the off-diagonal cosines so that
@@ -271,13 +322,14 @@ def similarity_figure(labels: list[str], cosine: list[list[float]], l2: list[lis
         bar = fig.colorbar(image, ax=ax, shrink=0.8, extend=extend)
         if extend == "max":
             bar.set_label("diagonal = 1, beyond the scale")
-        label_axis(ax, "x", labels, max_ticks=60)
-        label_axis(ax, "y", labels, max_ticks=60)
+        label_axis(ax, "x", labels, max_ticks=30)
+        label_axis(ax, "y", labels, max_ticks=30)
         ax.set_title(name)
-        if k <= 8:
+        if k <= _MAX_ANNOTATED:
             _annotate(ax, image, data, fmt)
     grey = "  (grey: undefined, a zero update)" if cos.mask.any() else ""
-    fig.suptitle((title or f"Fine-tuning updates of {k} checkpoints") + grey)
+    fig.suptitle(wrap_title((title or f"Fine-tuning updates of {k} checkpoints") + grey
+                            + _thinned(k, 30, " ("), fig, size=11))
     return fig
 
 
