@@ -241,3 +241,31 @@ def test_scan_figures_name_rows_by_label_then_run_then_path_suffix():
     labelled = [ScanRow.of(p, columns={"run": f"r{i}", "label": lab})
                 for i, (p, lab) in enumerate(zip(paths, ["lr=0.1", "", "lr=0.1"]))]
     assert row_labels(labelled) == ["lr=0.1#0", "run_1/model", "lr=0.1#2"]
+
+
+def test_measure_takes_hf_folders_a_groups_file_and_a_classifier(tmp_path):
+    """An HF folder with a `bert.` prefix against plain files, custom groups from a TOML
+    file: T per group equals a float64 computation over the same groups."""
+    r, a, b = testing.triple(testing.bert_shapes())  # names under `bert.`: the task model
+    base = {k.removeprefix("bert."): v for k, v in r.items()}  # the base model: no prefix
+    save_file(base, str(tmp_path / "r.safetensors"))
+    save_file({k.removeprefix("bert."): v for k, v in a.items()}, str(tmp_path / "a.safetensors"))
+    testing.save_hf_folder(b, tmp_path / "b", shards=2)
+    (tmp_path / "groups.toml").write_text(
+        "[[group]]\nname = 'layers'\npattern = 'encoder\\.layer\\.'\n"
+        "[[group]]\nname = 'rest'\npattern = '.'\n")
+    proc = run("measure", "-r", tmp_path / "r.safetensors", "-a", tmp_path / "a.safetensors",
+               "-b", tmp_path / "b", "--groups", tmp_path / "groups.toml", "--json", "-",
+               check_rc=0)
+    result = json.loads(proc.stdout)
+    assert result["groups"][:2] == ["layers", "rest"]
+
+    def group_t(pattern):
+        import re
+
+        names = [n for n in b if re.search(pattern, n) and b[n].is_floating_point()]
+        dr = sum((r[n].double() - b[n].double()).abs().mean() for n in names) / len(names)
+        da = sum((a[n].double() - b[n].double()).abs().mean() for n in names) / len(names)
+        return float(dr / da)
+
+    assert result["values"][0] == pytest.approx(group_t(r"encoder\.layer\."), rel=1e-5)

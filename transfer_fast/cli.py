@@ -108,7 +108,8 @@ def _cmd_measure(args) -> int:
     refuse_overwriting_inputs([args.json, args.csv, args.plot],
                               [args.random, args.pretrained, args.finetuned])
     result = transferability(args.random, args.pretrained, args.finetuned, preset=args.preset,
-                             metric=args.metric, backend=args.backend)
+                             metric=args.metric, backend=args.backend, groups=args.groups,
+                             classifier=args.classifier, key=args.key, strict=args.strict)
     # With an output on stdout, stdout holds that output alone; the rest goes to stderr.
     log = sys.stderr if STDOUT in (args.json, args.csv) else sys.stdout
     print(format_table(result), file=log)
@@ -326,6 +327,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--backend", default="auto", choices=BACKENDS,
                        help="kernels: 'auto' the fastest for the tensors' device")
 
+    def selection_options(p) -> None:
+        p.add_argument("--groups", metavar="FILE",
+                       help="your own grouping: a TOML or JSON file of ordered {name, pattern} "
+                            "entries (regular expressions on tensor names; first match wins) "
+                            "(default: the preset's)")
+        p.add_argument("--classifier", metavar="NAME",
+                       help="the group or module that is the classifier head, left out of "
+                            "the overall (default: found from names and shapes)")
+        p.add_argument("--key", metavar="KEY",
+                       help="the entry of a wrapped checkpoint that holds the state, e.g. "
+                            "state_dict_ema (default: the parameters' usual wrappers)")
+        p.add_argument("--strict", action="store_true",
+                       help="tensors present only in the fine-tuned set are an error "
+                            "(default: left out and listed)")
+
     def figure_format(p) -> None:
         p.add_argument("-f", "--format", default="png", choices=FORMATS,
                        help="file format of the figures")
@@ -335,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("-a", "--pretrained", required=True, help="pre-trained θA")
     m.add_argument("-b", "--finetuned", required=True, help="fine-tuned θB")
     measure_options(m, "(per tensor, averaged per group)")
+    selection_options(m)
     m.add_argument("--json", metavar="FILE",
                    help="write the result as JSON ('-': stdout; the table goes to stderr) "
                         "(default: not written)")

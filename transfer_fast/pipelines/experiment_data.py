@@ -29,7 +29,11 @@ def load_source(spec: str) -> tuple[torch.Tensor, torch.Tensor]:
     low, high = int(match[1]), int(match[2])
     if low > high:
         raise TransferFastError(f"{spec}: the first class must not exceed the last")
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise TransferFastError(f"{spec}: the digits data ships with scikit-learn, which is "
+                                "not installed: pip install scikit-learn") from exc
 
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0

@@ -27,6 +27,7 @@ from ..measure.scores import ScoreStats
 from ..ops.devices import resolve_device
 from ..report.figures import save_figure, scores_figure
 from ..train.models import infer_in_channels, load_model
+from .manifest_columns import RANK_RESERVED, check_user_columns
 
 SCORES = ("logme", "hscore", "regularized_hscore", "transrate", "nce", "leep")
 # TransRate keeps one D x D float64 Gram per class: above this it is skipped, not OOM.
@@ -82,6 +83,8 @@ def read_manifest(path: str | Path, arch: str | None) -> list[Candidate]:
         raise TransferFastError(f"{path}: unreadable manifest ({exc})") from exc
     if not rows or "path" not in rows[0]:
         raise TransferFastError(f"{path}: a manifest needs a 'path' column and one row or more")
+    check_user_columns([k for k in rows[0] if k not in ("path", "arch", "label")],
+                       RANK_RESERVED, path)
     out = []
     for i, row in enumerate(rows, 2):
         model_arch = row.get("arch") or arch
