@@ -36,7 +36,7 @@ from ..io.files import json_safe, write_csv
 from ..io.runfolder import claim
 from ..io.streaming import StreamedCheckpoint
 from ..measure.agreement import kendall_tau, weighted_tau
-from ..measure.features import FeatureStats, batchnorm_layers
+from ..measure.features import FeatureStats, batchnorm_layers, penultimate_layer
 from ..measure.frechet import frechet_distance
 from ..measure.gap import bn_gap, intraclass_variance
 from ..measure.plan import make_plan
@@ -55,6 +55,7 @@ BOOTSTRAP = 1000  # cluster (task) resamples for the model's confidence interval
 # higher T). -classes: every run trains on N images drawn from its task's pool with the
 # same N grid for every task, so the pool size never reaches a run; the number of classes
 # does (chance accuracy is 1/C, and there is more to learn).
+MAX_CLASS_GRAM_BYTES = 1 << 30  # TransRate's per-class Grams, per task, at most
 BASELINES = {"-G": lambda task: -task.G, "-classes": lambda task: -float(task.classes)}
 
 
@@ -376,7 +377,7 @@ def _measure_data(out: Path, cfg: dict, data: dict, classes: dict, pretrained: P
     tasks = {}
     for task in cfg["task"]:
         name = task["name"]
-        scores = ScoreStats()
+        scores = ScoreStats(per_class_gram=_class_grams_fit(model, classes[name], name, notes))
         stats = stats_of(name, scores)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -393,6 +394,18 @@ def _measure_data(out: Path, cfg: dict, data: dict, classes: dict, pretrained: P
             G=bn_gap(model, stats, metric=metric).mean if has_bn else fd.distance,
             G_frechet=fd.distance, D=intraclass_variance(stats).normalised, scores=values)
     return tasks
+
+
+def _class_grams_fit(model, classes: int, task: str, notes: list[str]) -> bool:
+    """Whether TransRate's per-class Grams (classes x D^2 float64) stay within
+    MAX_CLASS_GRAM_BYTES; if not, the task's scores go without TransRate (noted)."""
+    head = penultimate_layer(model)
+    dim = getattr(dict(model.named_modules())[head], "in_features", 0) if head else 0
+    need = classes * dim * dim * 8
+    if need > MAX_CLASS_GRAM_BYTES:
+        notes.append(f"task {task}: no TransRate (its {classes} class Grams of {dim} features "
+                     f"would take {need / 2**30:.1f} GiB)")
+    return need <= MAX_CLASS_GRAM_BYTES
 
 
 def _finite_mean(values) -> float:
