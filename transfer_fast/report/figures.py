@@ -434,3 +434,37 @@ def scores_figure(labels: Sequence[str], scores: Mapping[str, Sequence[float]],
         ax.set_visible(False)
     fig.suptitle(title or f"Transferability scores of {len(labels)} candidate models")
     return fig
+
+
+@_styled
+def scores_vs_t_figure(tasks: Sequence[str], mean_t: Sequence[float],
+                       scores: Mapping[str, Sequence[float]],
+                       taus: Mapping[str, float] | None = None):
+    """One panel per score: each task's score (x) against its mean measured T (y, log),
+    the points named by task; `taus` (Kendall's tau per score) goes into the titles.
+    Tasks whose score or T is not finite are left out of a panel."""
+    plt = pyplot()
+    names = [k for k in scores if any(math.isfinite(float(v)) for v in scores[k])]
+    if not tasks or not names:
+        raise TransferFastError("nothing to plot: no task with a finite score")
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.3 * rows), squeeze=False)
+    colors = _task_colors(list(tasks))
+    for ax, name in zip(axes.flat, names):
+        for task, x, y in zip(tasks, scores[name], mean_t):
+            if math.isfinite(float(x)) and math.isfinite(float(y)) and y > 0:
+                ax.scatter([x], [y], color=colors[task], label=task)
+                ax.annotate(task, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        tau = (taus or {}).get(name, math.nan)
+        ax.set(xlabel=_SCORE_NAMES.get(name, name), yscale="log",
+               title=_SCORE_NAMES.get(name, name)
+               + (f" (Kendall's tau {tau:+.2f})" if math.isfinite(tau) else ""))
+        ax.grid(alpha=0.3)
+        plain_log_axes(ax)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("mean T over the task's runs")
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle(f"Transferability scores against measured T ({len(tasks)} tasks)")
+    return fig
