@@ -98,7 +98,7 @@ def test_demo_runs_the_experiment_and_writes_the_report(tmp_path):
                check_rc=0)
     assert "40 of 40 runs measured" in proc.stdout
     report = (tmp_path / "demo" / "report.md").read_text()
-    assert "Findings" in report and report.count("](figures/") == 4
+    assert "Findings" in report and report.count("](figures/") == 5
     for name in ("layerwise_T.png", "T_vs_G_and_N.png", "trajectories.png", "model_fit.png"):
         assert (tmp_path / "demo" / "figures" / name).stat().st_size > 0
 

@@ -215,7 +215,7 @@ def _cmd_experiment(args) -> int:
 
 
 def _report_outcome(result) -> int:
-    done = sum(r["status"] == "done" for r in result.runs)
+    done = sum(r.status == "done" for r in result.runs)
     print(f"{done} of {len(result.runs)} runs measured; report in {result.report}")
     return 0 if done == len(result.runs) else 1
 

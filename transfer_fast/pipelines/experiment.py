@@ -86,10 +86,6 @@ class RunRecord:
         """Fine-tuned and with a finite positive T (a row the model can take)."""
         return self.status == "done" and math.isfinite(self.T) and self.T > 0
 
-    def __getitem__(self, key: str):
-        """Read access by name, for callers written against the former dict rows."""
-        return getattr(self, key)
-
     def to_dict(self) -> dict:
         """JSON-ready, without the file paths."""
         return {k: v for k, v in asdict(self).items() if k not in ("checkpoint", "trajectory")}
