@@ -38,37 +38,39 @@ CHUNK_BYTES = 12 << 20  # staging and difference buffers of one chunk, all sets 
 
 @dataclass
 class _Chunk:
-    """Consecutive blocks staged together: `blocks` blocks, per set the views to fill."""
+    """Consecutive blocks staged together, with every view its ops read and write."""
 
-    blocks: int
     pieces: list[tuple[int, int, int]]  # (tensor, first element, end element)
     dst: list[torch.Tensor]  # per set, per piece: where the piece goes (shaped like it)
     pads: list[torch.Tensor]  # the unused end of each tensor's last block: zeroed
+    sets: torch.Tensor  # (blocks, A + K, BLOCK) view of the staged sets
+    anchors: torch.Tensor  # (A, 1, blocks, BLOCK)
+    targets: torch.Tensor  # (1, K, blocks, BLOCK)
+    diff: torch.Tensor  # (A, K, blocks, BLOCK): anchor - target
+    gram: torch.Tensor  # (blocks, A + K, A + K) slice of the plan's results
+    l1: torch.Tensor  # (A, K, blocks) slices of the plan's results
+    l2: torch.Tensor
 
 
 @dataclass
 class _Staging:
     """The staging plan of one list of shapes for A anchor and K target sets: built
-    once, reused (under `lock`: the buffers are shared)."""
+    once, reused (under `lock`: its buffers are shared by the calls)."""
 
     numels: tuple[int, ...]
     shapes: tuple[torch.Size, ...]
-    buffer: torch.Tensor  # (A + K, elements of the largest chunk)
-    diff: torch.Tensor  # (A, K, elements of the largest chunk)
     chunks: list[_Chunk]
     lengths: torch.Tensor  # int64 (T,): blocks per tensor, on the buffer's device
+    gram: torch.Tensor  # (blocks, A + K, A + K) per block: every set's dot with every set
+    l1: torch.Tensor  # (A, K, blocks): per block sum |a - b|
+    l2: torch.Tensor  # (A, K, blocks): per block sqrt(sum (a - b)^2)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-@functools.lru_cache(maxsize=8)
-def _staging(shapes: tuple[torch.Size, ...], num_anchors: int, num_targets: int,
-             dtype: torch.dtype, device: torch.device) -> _Staging:
-    numels = tuple(s.numel() for s in shapes)
-    num_sets = num_anchors + num_targets
-    rows = num_sets + num_anchors * num_targets
-    per_set = CHUNK_BYTES // (rows * torch.empty((), dtype=dtype).element_size())
-    chunk_blocks = max(16, per_set // BLOCK)
-    spans: list[list[tuple[int, int, int, int]]] = [[]]  # per chunk: (t, begin, end, offset)
+def _spans(numels: Sequence[int], chunk_blocks: int) -> list[list[tuple[int, int, int, int]]]:
+    """Per chunk, the pieces (tensor, begin, end, offset in the chunk) it stages: the
+    tensors in order, each starting on a block, cut where a chunk is full."""
+    spans: list[list[tuple[int, int, int, int]]] = [[]]
     used = 0
     for t, n in enumerate(numels):
         begin = 0
@@ -80,11 +82,27 @@ def _staging(shapes: tuple[torch.Size, ...], num_anchors: int, num_targets: int,
             spans[-1].append((t, begin, begin + take, used * BLOCK))
             used += -(-take // BLOCK)
             begin += take
-    sizes = [max((o + e - b for _, b, e, o in span), default=0) for span in spans]
-    longest = -(-max(sizes) // BLOCK) * BLOCK
-    buffer = torch.zeros(num_sets, longest, dtype=dtype, device=device)
-    chunks = []
-    for span, size in zip(spans, sizes):
+    return [span for span in spans if span]
+
+
+@functools.lru_cache(maxsize=8)
+def _staging(shapes: tuple[torch.Size, ...], num_anchors: int, num_targets: int,
+             dtype: torch.dtype, device: torch.device) -> _Staging:
+    A, K = num_anchors, num_targets
+    numels = tuple(s.numel() for s in shapes)
+    rows = A + K + A * K  # staged sets and differences
+    per_row = CHUNK_BYTES // (rows * torch.empty((), dtype=dtype).element_size())
+    spans = _spans(numels, max(4, per_row // BLOCK))
+    blocks = [-(-(span[-1][3] + span[-1][2] - span[-1][1]) // BLOCK) for span in spans]
+    longest = max(blocks, default=0) * BLOCK
+    buffer = torch.zeros(A + K, longest, dtype=dtype, device=device)
+    diff = torch.empty(A, K, longest, dtype=dtype, device=device)
+    total = sum(blocks)
+    gram = torch.empty(total, A + K, A + K, dtype=dtype, device=device)
+    l1 = torch.empty(A, K, total, dtype=dtype, device=device)
+    l2 = torch.empty(A, K, total, dtype=dtype, device=device)
+    chunks, first = [], 0
+    for span, n in zip(spans, blocks):
         dst, pads = [], []
         for row in buffer:
             for t, b, e, o in span:
@@ -93,10 +111,15 @@ def _staging(shapes: tuple[torch.Size, ...], num_anchors: int, num_targets: int,
                 end = o + -(-(e - b) // BLOCK) * BLOCK
                 if end > o + e - b:
                     pads.append(row[o + e - b:end])
-        chunks.append(_Chunk(-(-size // BLOCK), [(t, b, e) for t, b, e, _ in span], dst, pads))
+        z = buffer[:, :n * BLOCK].view(A + K, n, BLOCK)
+        last = first + n
+        chunks.append(_Chunk([(t, b, e) for t, b, e, _ in span], dst, pads, z.transpose(0, 1),
+                             z[:A, None], z[None, A:],
+                             diff[..., :n * BLOCK].view(A, K, n, BLOCK), gram[first:last],
+                             l1[..., first:last], l2[..., first:last]))
+        first = last
     lengths = torch.tensor([-(-n // BLOCK) for n in numels], dtype=torch.long, device=device)
-    diff = torch.empty(num_anchors, num_targets, longest, dtype=dtype, device=device)
-    return _Staging(numels, shapes, buffer, diff, [c for c in chunks if c.blocks], lengths)
+    return _Staging(numels, shapes, chunks, lengths, gram, l1, l2)
 
 
 def _sources(sets: Sequence[Sequence[torch.Tensor]], plan: _Staging, what: str
@@ -107,7 +130,6 @@ def _sources(sets: Sequence[Sequence[torch.Tensor]], plan: _Staging, what: str
     for i, tensors in enumerate(sets):
         row = []
         for t, (x, shape) in enumerate(zip(tensors, plan.shapes)):
-            x = x.detach()
             if x.shape != shape:
                 if x.numel() != plan.numels[t]:
                     raise TransferFastError(f"tensor {t}: anchor set 0 has shape "
@@ -119,6 +141,7 @@ def _sources(sets: Sequence[Sequence[torch.Tensor]], plan: _Staging, what: str
     return out
 
 
+@torch.no_grad()
 def multi_tensor_distance(anchors: Sequence[Sequence[torch.Tensor]],
                           targets: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
     """Per (anchor set, target set, tensor): sum|a-b|, sum (a-b)^2, sum a*b, sum a^2,
@@ -149,34 +172,27 @@ def multi_tensor_distance(anchors: Sequence[Sequence[torch.Tensor]],
 
     if not plan.chunks:  # every tensor is empty
         return torch.zeros(A, K, T, 5, dtype=torch.float64, device=device)
-    grams, l1, l2 = [], [], []
     with plan.lock:
-        for chunk in plan.chunks:
-            if chunk.pads:
-                torch._foreach_zero_(chunk.pads)
-            torch._foreach_copy_(chunk.dst, [piece(s, t, b, e) for s in range(A + K)
-                                             for t, b, e in chunk.pieces])
-            z = plan.buffer[:, :chunk.blocks * BLOCK].view(A + K, chunk.blocks, BLOCK)
-            zt = z.transpose(0, 1)  # (blocks, sets, BLOCK)
-            grams.append(torch.bmm(zt, zt.transpose(1, 2)))
-            d = plan.diff[..., :chunk.blocks * BLOCK].view(A, K, chunk.blocks, BLOCK)
-            torch.sub(z[:A, None], z[None, A:], out=d)
-            l2.append(torch.linalg.vector_norm(d, dim=3).permute(2, 0, 1))
-            l1.append(d.abs_().sum(3).permute(2, 0, 1))
-    lengths = plan.lengths
-
-    def per_tensor(parts: list[torch.Tensor], square: bool = False) -> torch.Tensor:
-        """Block results (blocks, ...) of every chunk -> float64 sums per tensor (T, ...)."""
-        blocks = torch.cat(parts).double()
-        return torch.segment_reduce(blocks.square_() if square else blocks, "sum",
-                                    lengths=lengths)
-
+        for c in plan.chunks:
+            if c.pads:
+                torch._foreach_zero_(c.pads)
+            torch._foreach_copy_(c.dst, [piece(s, t, b, e) for s in range(A + K)
+                                         for t, b, e in c.pieces])
+            torch.bmm(c.sets, c.sets.transpose(1, 2), out=c.gram)
+            torch.sub(c.anchors, c.targets, out=c.diff)
+            torch.linalg.vector_norm(c.diff, dim=3, out=c.l2)
+            torch.sum(c.diff.abs_(), 3, out=c.l1)
+        # Per tensor, its blocks' results added in float64: (T, ...).
+        gram = torch.segment_reduce(plan.gram.double(), "sum", lengths=plan.lengths)
+        l1 = torch.segment_reduce(plan.l1.permute(2, 0, 1).double(), "sum",
+                                  lengths=plan.lengths)
+        l2 = torch.segment_reduce(plan.l2.permute(2, 0, 1).double().square_(), "sum",
+                                  lengths=plan.lengths)
     out = torch.empty(A, K, T, 5, dtype=torch.float64, device=device)
-    out[..., 0] = per_tensor(l1).permute(1, 2, 0)
-    out[..., 1] = per_tensor(l2, square=True).permute(1, 2, 0)
-    gram = per_tensor(grams)  # (T, S, S)
+    out[..., 0] = l1.permute(1, 2, 0)
+    out[..., 1] = l2.permute(1, 2, 0)
     out[..., 2] = gram[:, :A, A:].permute(1, 2, 0)
-    squares = gram.diagonal(dim1=1, dim2=2)  # (T, S)
+    squares = gram.diagonal(dim1=1, dim2=2)  # (T, A + K)
     out[..., 3] = squares[:, :A].T.unsqueeze(1)
     out[..., 4] = squares[:, A:].T.unsqueeze(0)
     return out
