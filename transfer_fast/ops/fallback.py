@@ -85,7 +85,7 @@ def _spans(numels: Sequence[int], chunk_blocks: int) -> list[list[tuple[int, int
     return [span for span in spans if span]
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
 def _staging(shapes: tuple[torch.Size, ...], num_anchors: int, num_targets: int,
              dtype: torch.dtype, device: torch.device) -> _Staging:
     A, K = num_anchors, num_targets
