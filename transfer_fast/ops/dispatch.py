@@ -7,6 +7,7 @@ on one device, and `reference.py` (float64, the tests' oracle) for anything else
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -42,13 +43,6 @@ def _pure_torch(anchors: Sequence[Sequence[torch.Tensor]],
     if all(x.is_floating_point() and x.device == device for s in (*anchors, *targets) for x in s):
         return fallback.multi_tensor_distance(anchors, targets)
     return reference.multi_tensor_distance(anchors, targets)
-
-
-def _fast_route(tensors: list[torch.Tensor], device: torch.device) -> bool:
-    """Whether the tensors can go to a compiled kernel as they are (one dtype, contiguous)."""
-    dtype = tensors[0].dtype
-    return dtype in KERNEL_DTYPES and all(
-        x.dtype == dtype and x.device == device and x.is_contiguous() for x in tensors)
 
 
 def multi_tensor_distance(
@@ -87,10 +81,15 @@ def multi_tensor_distance(
                            f"{backend_status().get(backend, 'unknown backend')}")
     if not compiled:
         return _pure_torch(anchors, targets)
-    flat_a = [t for s in anchors for t in s]
-    flat_b = [t for s in targets for t in s]
-    if _fast_route(flat_a + flat_b, device):  # the common case: one call, no regrouping
+    flat_a = list(itertools.chain.from_iterable(anchors))
+    flat_b = list(itertools.chain.from_iterable(targets))
+    # The common case (one dtype and device, contiguous) in one call. The kernel checks
+    # every tensor before it reads any, in C++: a refusal costs nothing and sends the
+    # call to the slow path, where a real error (a shape mismatch) is raised again.
+    try:
         return torch.ops.transfer_fast.multi_tensor_distance(flat_a, flat_b, num_tensors)
+    except RuntimeError:
+        pass
 
     # Slow path, per tensor index: mixed dtypes are promoted (exactly: float16 and
     # bfloat16 -> float32, float32 -> float64) and views copied contiguous, then
