@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <optional>
 #include <tuple>
 
@@ -27,8 +28,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_stats_cuda(
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
+  // 16-byte loads need 16-byte aligned rows: an aligned start and S a whole number of
+  // vectors (views with an odd storage offset take the element-wise loads).
+  const bool aligned = reinterpret_cast<std::uintptr_t>(x.const_data_ptr()) % 16 == 0;
   const StatsShape shape{d.samples, d.channels, d.inner, num_classes, labels.has_value(),
-                         channels_last};
+                         channels_last, static_cast<int>(x.element_size()), aligned};
   const StatsPlan plan = plan_channel_stats(shape);
   const at::TensorOptions f64 = x.options().dtype(at::kDouble);
   at::Tensor workspace = at::empty({plan.workspace_bytes}, x.options().dtype(at::kByte));

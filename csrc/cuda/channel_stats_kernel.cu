@@ -4,9 +4,10 @@
 //      partial[(n * P + p) * C + c]. Channels first, a group of lanes reduces
 //      one contiguous run; channels last, a thread walks C-strided positions
 //      and neighbouring threads read neighbouring channels: loads are coalesced
-//      either way, and each lane keeps 8 loads in flight.
+//      either way, 16 bytes wide where rows are aligned, and each lane keeps
+//      several in flight (channel_stats_runs.cuh).
 //   2. class_index (labelled calls only, one block): the samples of each class
-//      in ascending order (a stable counting sort: class starts and members).
+//      in ascending order (a stable counting sort; class_index.cuh).
 //   3. merge: per (class, channel), `splits` threads add fixed ranges of the
 //      class's partials in sample order, one thread adds their results in split
 //      order and finishes the statistics (channel_stats_finish.h, shared with
@@ -21,17 +22,24 @@
 
 #include "../common/channel_stats_finish.h"
 #include "channel_stats_kernel.h"
+#include "channel_stats_runs.cuh"
+#include "class_index.cuh"
 #include "element_types.cuh"
 
 namespace transfer_fast {
 namespace {
 
+using stats::add_run;
+using stats::add_vectors;
+using stats::class_index;
+using stats::kIndexThreads;
+using stats::to_double;
+
 constexpr int kThreads = 256;
-constexpr int kIndexThreads = 1024;
 constexpr int kMergeChannels = 32;
 constexpr int kMaxSplits = 32;
-constexpr int kUnroll = 8;       // loads in flight per lane of the pass over x
-constexpr int kMergeUnroll = 4;  // and per merge thread (1024-thread blocks: few registers)
+constexpr int64_t kPieceAlign = 8;  // pieces start on whole 16-byte vectors
+constexpr int kMergeUnroll = 4;  // loads in flight per merge thread (1024-thread blocks)
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // grid-stride loops cover the rest
 // Lanes (channels first) or threads (channels last) that keep a large GPU's
@@ -44,37 +52,10 @@ constexpr int64_t kMinRun = 16;
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t clamp(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-template <class E>
-__device__ __forceinline__ double to_double(typename E::Bits v) {
-  return static_cast<double>(to_acc(E{}, v));
-}
-
-// Adds d = p[j * stride] - sh and d^2 for j = j0, j0 + step, ... < end into
-// (a, b), kUnroll loads at a time; missing lanes of the last round add zeros,
-// which change no sum.
-template <class E>
-__device__ __forceinline__ void add_run(const typename E::Bits* __restrict__ p, int64_t stride,
-                                        int64_t j, int64_t end, int64_t step, double sh,
-                                        double& a, double& b) {
-  for (; j < end; j += kUnroll * step) {
-    double v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = j + u * step;
-      v[u] = i < end ? to_double<E>(p[i * stride]) - sh : 0.0;
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      a += v[u];
-      b = fma(v[u], v[u], b);
-    }
-  }
-}
-
 // Step 1, (N, C, S): a group of G lanes per (row, piece), row = n * C + c.
 // shift_out (when the caller gave no shift) receives the value each channel
 // used: its first element, taken by the group of sample 0, piece 0.
-template <class E, int G>
+template <class E, int G, bool kVector>
 __global__ void __launch_bounds__(kThreads) partials_channels_first(
     const typename E::Bits* __restrict__ x, const double* __restrict__ shift, int64_t N,
     int64_t C, int64_t S, int64_t P, int64_t piece, double2* __restrict__ out,
@@ -96,7 +77,11 @@ __global__ void __launch_bounds__(kThreads) partials_channels_first(
         const int64_t c = row % C;
         const double sh = shift != nullptr ? shift[c] : to_double<E>(x[c * S]);
         if (shift_out != nullptr && row < C && p == 0 && lane == 0) shift_out[c] = sh;
-        add_run<E>(x + row * S, 1, begin + lane, end, G, sh, a, b);
+        if constexpr (kVector) {
+          add_vectors<E>(x + row * S, begin, end, lane, G, sh, a, b);
+        } else {
+          add_run<E>(x + row * S, 1, begin + lane, end, G, sh, a, b);
+        }
       }
     }
 #pragma unroll
@@ -132,70 +117,6 @@ __global__ void __launch_bounds__(kThreads) partials_channels_last(
       add_run<E>(x + n * S * C + c, C, begin, end, 1, sh, a, b);
     }
     out[i] = make_double2(a, b);
-  }
-}
-
-// Step 2 (one block of kIndexThreads): members[starts[k] .. starts[k + 1]) are
-// the samples of class k in ascending order; labels outside [0, K) belong to
-// no class. Integer counts only, so the result is exact in any order.
-__global__ void __launch_bounds__(kIndexThreads) class_index(
-    const int64_t* __restrict__ labels, int64_t N, int64_t K, int64_t* __restrict__ counts,
-    int64_t* __restrict__ rank, int64_t* __restrict__ starts, int64_t* __restrict__ members) {
-  __shared__ long long warp_total[kIndexThreads / 32];
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  constexpr int kWarps = kIndexThreads / 32;
-  for (int64_t k = tid; k < K; k += kIndexThreads) counts[k] = 0;
-  __syncthreads();
-  // Ranks: one warp walks the samples 32 at a time, in order. Lanes of one
-  // class are ranked by lane after the class's members of earlier rounds; the
-  // lowest of them then moves the class's count on.
-  if (warp == 0) {
-    for (int64_t base = 0; base < N; base += 32) {
-      const int64_t n = base + lane;
-      const long long y = n < N ? static_cast<long long>(labels[n]) : -1;
-      const bool valid = y >= 0 && y < K;
-      const unsigned same = __match_any_sync(kFullMask, valid ? y : -1LL);
-      const unsigned lower = same & ((1u << lane) - 1u);
-      const int64_t before = valid ? counts[y] : 0;
-      if (valid) rank[n] = before + __popc(lower);
-      __syncwarp();
-      if (valid && lower == 0) counts[y] = before + __popc(same);
-      __syncwarp();
-    }
-  }
-  __syncthreads();
-  // Starts: exclusive prefix sums of the counts, kIndexThreads classes a round.
-  long long carry = 0;
-  for (int64_t base = 0; base < K; base += kIndexThreads) {
-    const int64_t k = base + tid;
-    const long long v = k < K ? static_cast<long long>(counts[k]) : 0;
-    long long inclusive = v;
-#pragma unroll
-    for (int offset = 1; offset < 32; offset *= 2) {
-      const long long up = __shfl_up_sync(kFullMask, inclusive, offset);
-      if (lane >= offset) inclusive += up;
-    }
-    if (lane == 31) warp_total[warp] = inclusive;
-    __syncthreads();
-    if (warp == 0) {
-      long long total = warp_total[lane];
-#pragma unroll
-      for (int offset = 1; offset < 32; offset *= 2) {
-        const long long up = __shfl_up_sync(kFullMask, total, offset);
-        if (lane >= offset) total += up;
-      }
-      warp_total[lane] = total;  // inclusive over warps
-    }
-    __syncthreads();
-    if (k < K) starts[k] = carry + (warp > 0 ? warp_total[warp - 1] : 0) + inclusive - v;
-    carry += warp_total[kWarps - 1];
-    __syncthreads();  // warp_total is rewritten by the next round
-  }
-  if (tid == 0) starts[K] = carry;
-  __syncthreads();
-  for (int64_t n = tid; n < N; n += kIndexThreads) {
-    const int64_t y = labels[n];
-    if (y >= 0 && y < K) members[starts[y] + rank[n]] = n;
   }
 }
 
@@ -258,6 +179,20 @@ __global__ void __launch_bounds__(kMergeChannels * kMaxSplits) merge_classes(
   }
 }
 
+template <class E, int G>
+void launch_channels_first(int blocks, cudaStream_t stream, bool vector,
+                           const typename E::Bits* x, const double* shift, int64_t N, int64_t C,
+                           int64_t S, int64_t P, int64_t piece, double2* out,
+                           double* shift_out) {
+  if (vector) {
+    partials_channels_first<E, G, true><<<blocks, kThreads, 0, stream>>>(
+        x, shift, N, C, S, P, piece, out, shift_out);
+  } else {
+    partials_channels_first<E, G, false><<<blocks, kThreads, 0, stream>>>(
+        x, shift, N, C, S, P, piece, out, shift_out);
+  }
+}
+
 template <class E>
 cudaError_t launch_partials(const void* x, const double* shift, const StatsShape& s,
                             const StatsPlan& plan, double2* out, double* shift_out,
@@ -271,15 +206,16 @@ cudaError_t launch_partials(const void* x, const double* shift, const StatsShape
                                                                plan.piece, out, shift_out);
     return cudaGetLastError();
   }
+  const bool vector = plan.vector && s.element_bytes == static_cast<int>(sizeof(*data));
   switch (plan.lanes) {
-    case 4: partials_channels_first<E, 4><<<blocks, kThreads, 0, stream>>>(
-                data, shift, N, C, S, P, plan.piece, out, shift_out); break;
-    case 8: partials_channels_first<E, 8><<<blocks, kThreads, 0, stream>>>(
-                data, shift, N, C, S, P, plan.piece, out, shift_out); break;
-    case 16: partials_channels_first<E, 16><<<blocks, kThreads, 0, stream>>>(
-                 data, shift, N, C, S, P, plan.piece, out, shift_out); break;
-    case 32: partials_channels_first<E, 32><<<blocks, kThreads, 0, stream>>>(
-                 data, shift, N, C, S, P, plan.piece, out, shift_out); break;
+    case 4: launch_channels_first<E, 4>(blocks, stream, vector, data, shift, N, C, S, P,
+                                        plan.piece, out, shift_out); break;
+    case 8: launch_channels_first<E, 8>(blocks, stream, vector, data, shift, N, C, S, P,
+                                        plan.piece, out, shift_out); break;
+    case 16: launch_channels_first<E, 16>(blocks, stream, vector, data, shift, N, C, S, P,
+                                          plan.piece, out, shift_out); break;
+    case 32: launch_channels_first<E, 32>(blocks, stream, vector, data, shift, N, C, S, P,
+                                          plan.piece, out, shift_out); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
@@ -321,17 +257,23 @@ Workspace carve(const StatsShape& s, int64_t pieces, void* base) {
 }  // namespace
 
 StatsPlan plan_channel_stats(const StatsShape& s) {
-  StatsPlan plan{1, s.inner, 1, 1, 0};
+  StatsPlan plan{1, s.inner, 1, false, 1, 0};
+  plan.vector = s.vector_loads && !s.channels_last && s.element_bytes > 0 &&
+                (s.inner * s.element_bytes) % 16 == 0;
+  // A lane's units of work: elements, or 16-byte vectors of them.
+  const int64_t units = plan.vector ? s.inner * s.element_bytes / 16 : s.inner;
   if (!s.channels_last) {
-    plan.lanes = s.inner >= 128 ? 32 : (s.inner >= 64 ? 16 : (s.inner >= 32 ? 8 : 4));
+    plan.lanes = units >= 128 ? 32 : (units >= 64 ? 16 : (units >= 32 ? 8 : 4));
   }
   const int64_t per_piece = s.samples * s.channels * plan.lanes;
   if (per_piece > 0 && s.inner > 0) {
     const int64_t target = s.channels_last ? kTargetThreads : kTargetLanes;
-    const int64_t most = s.inner / (plan.lanes * kMinRun);
+    const int64_t most = units / (plan.lanes * kMinRun);
     const int64_t pieces = clamp(ceil_div(target, per_piece), 1, most < 1 ? 1 : most);
-    plan.piece = ceil_div(s.inner, pieces);
-    plan.pieces = ceil_div(s.inner, plan.piece);
+    if (pieces > 1) {  // whole vectors per piece; the last piece may be shorter
+      plan.piece = ceil_div(ceil_div(s.inner, pieces), kPieceAlign) * kPieceAlign;
+      plan.pieces = ceil_div(s.inner, plan.piece);
+    }
   }
   // Partials each merge thread would add alone; splitting shortens the chain of
   // dependent additions when a class has many samples.

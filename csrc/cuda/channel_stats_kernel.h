@@ -18,6 +18,8 @@ struct StatsShape {
   int64_t classes;   // K
   bool labelled;
   bool channels_last;
+  int element_bytes;    // 2, 4 or 8
+  bool vector_loads;    // channels first, rows 16-byte aligned: 16-byte loads
 };
 
 // How the one pass over x is cut, a function of the shape alone (so results are
@@ -27,6 +29,7 @@ struct StatsPlan {
   int64_t pieces;           // P >= 1
   int64_t piece;            // positions per piece (the last may be shorter)
   int lanes;                // channels first: lanes reducing one piece (4..32)
+  bool vector;              // channels first: 16-byte loads (aligned rows and pieces)
   int splits;               // merge: threads (in fixed ranges) per (class, channel)
   int64_t workspace_bytes;  // device scratch the launch needs (partials, class index)
 };
