@@ -264,3 +264,17 @@ def test_pure_torch_fallback_matches_float64_on_every_layout(labelled):
         k = 4 if labelled else 1
         assert_matches(ops.channel_stats(x, labels, k, backend="torch"),
                        exact(x, labels, k, cdim))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_aligned_and_unaligned_rows_give_the_same_statistics(device, dtype):
+    """Rows of whole 16-byte vectors take 16-byte loads on CUDA; the same values one
+    element into their storage (unaligned) take element loads: both match float64."""
+    g = torch.Generator().manual_seed(12)
+    n, c, s = 9, 6, 8 * 40
+    base = (torch.randn(1 + n * c * s, generator=g) * 3 + 2).to(device, dtype)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    for x in (base[:-1].view(n, c, s), base[1:].view(n, c, s)):  # the views stay on device
+        got = ops.channel_stats(x, labels.to(device), 3, channels_first=True,
+                                backend=backend_of(device))
+        assert_matches(got, exact(x, labels, 3))
