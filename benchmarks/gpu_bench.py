@@ -273,6 +273,7 @@ def channel_stats(t: Table) -> None:
 
 
 def feature_stats(t: Table) -> None:
+    from transfer_fast.measure import features
     from transfer_fast.train.models import build_model
 
     torch.manual_seed(0)
@@ -284,18 +285,25 @@ def feature_stats(t: Table) -> None:
         with torch.no_grad():
             return model(x)
 
-    for case, y in (("unlabelled", None), ("10 classes", labels)):
-        stats = transfer_fast.FeatureStats(model, num_classes=10 if y is not None else None)
-        try:
-            t.row(f"FeatureStats.update ResNet-50 b128x224 fp32, {case} (per call, back to "
-                  "back)", lambda s=stats, y=y: s.update(x, y), "bare forward", bare, "<= 1.10",
-                  timer=per_call_ms, reps=20)
-            stats.layers  # noqa: B018  (the pending batches are checked and merged)
-        finally:
-            stats.close()
-    with transfer_fast.FeatureStats(model) as stats:
-        t.row("FeatureStats.update ResNet-50 b128x224 fp32, unlabelled (one call)",
-              lambda: stats.update(x), "bare forward", bare, reps=20)
+    cases = (("unlabelled", None, True), ("unlabelled, one stream", None, False),
+             ("10 classes", labels, True))
+    try:
+        for case, y, side in cases:
+            features.SIDE_STREAM = side
+            stats = transfer_fast.FeatureStats(model, num_classes=10 if y is not None else None)
+            try:
+                t.row(f"FeatureStats.update ResNet-50 b128x224 fp32, {case} (per call, back "
+                      "to back)", lambda s=stats, y=y: s.update(x, y), "bare forward", bare,
+                      "<= 1.10", timer=per_call_ms, reps=20)
+                stats.layers  # noqa: B018  (the pending batches are checked and merged)
+            finally:
+                stats.close()
+        features.SIDE_STREAM = True
+        with transfer_fast.FeatureStats(model) as stats:
+            t.row("FeatureStats.update ResNet-50 b128x224 fp32, unlabelled (one call)",
+                  lambda: stats.update(x), "bare forward", bare, reps=20)
+    finally:
+        features.SIDE_STREAM = True
 
 
 def end_to_end(t: Table) -> None:

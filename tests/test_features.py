@@ -302,3 +302,22 @@ def test_gpu_statistics_equal_the_cpu_ones(monkeypatch):
         got = gpu.layers[name]
         assert torch.allclose(got.class_mean.cpu(), want.class_mean, rtol=1e-5, atol=1e-6)
         assert torch.allclose(got.variance().cpu(), want.variance(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_side_stream_gives_the_same_bits_as_one_stream(monkeypatch):
+    """The statistics kernels run beside the forward pass on a second stream; the results
+    are those of the same kernels on the main stream, bit for bit."""
+    import transfer_fast.measure.features as features
+
+    net = model().cuda()
+    x, y = data(40)
+    results = []
+    for side in (True, False):
+        monkeypatch.setattr(features, "SIDE_STREAM", side)
+        with tf.FeatureStats(net) as stats:
+            for xb, yb in zip(x.split(10), y.split(10)):
+                stats.update(xb, yb)
+            results.append({k: v.class_m2.clone() for k, v in stats.layers.items()})
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])

@@ -22,6 +22,9 @@ from .feature_state import FeatureState
 from .stats import ChannelStats, CovarianceStats
 
 MAX_PARTS = 64  # batches kept per layer before they are merged
+# On a GPU the statistics kernels run on a second stream, beside the layers that follow
+# in the same forward pass: they only read memory, the convolutions mostly compute.
+SIDE_STREAM = True
 _BN = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -100,6 +103,8 @@ class FeatureStats:
         self._pending_features: torch.Tensor | None = None
         self._unchecked: _Batch | None = None  # CUDA: the last batch, its flag in flight
         self._updates = 0
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._side: torch.cuda.Stream | None = None  # this batch's statistics stream
         modules = list(batchnorm_layers(model) if modules is None else modules)
         penultimate = penultimate_layer(model) if penultimate is True else (penultimate or None)
         self._state = FeatureState(modules=modules, penultimate=penultimate,
@@ -170,10 +175,24 @@ class FeatureStats:
             raise TransferFastError(f"module {name!r} got {x.shape[0]} rows from a batch of "
                                     f"{self._batch_size} samples: class statistics need one "
                                     "row per labelled sample")
-        count, mean, m2 = ops.channel_stats(x, self._labels, self._classes,
-                                            shift=self._shift.get(name),
-                                            channels_first=channels_first, backend=self.backend)
-        self._pending.append((name, ChannelStats(count, mean, m2)))
+        args = (x, self._labels, self._classes)
+        kwargs = dict(shift=self._shift.get(name), channels_first=channels_first,
+                      backend=self.backend)
+        if self._side is None or x.device != self._side.device:
+            stats = ops.channel_stats(*args, **kwargs)
+        else:
+            # The side stream starts after what produced x; x (and the labels) must
+            # outlive its reads there, the results their uses on the main stream.
+            main = torch.cuda.current_stream(x.device)
+            self._side.wait_stream(main)
+            with torch.cuda.stream(self._side):
+                stats = ops.channel_stats(*args, **kwargs)
+            x.record_stream(self._side)
+            if self._labels is not None:
+                self._labels.record_stream(self._side)
+            for t in stats:
+                t.record_stream(main)
+        self._pending.append((name, ChannelStats(*stats)))
 
     def _finite_flag(self, parts: list[tuple[str, ChannelStats]]) -> torch.Tensor:
         """0-dim bool on the statistics' device: every layer's m2 finite (a NaN or an Inf in
@@ -193,6 +212,8 @@ class FeatureStats:
         """This batch's results, with its finiteness flag on the way to the host."""
         parts, self._pending = self._pending, []
         features, self._pending_features = self._pending_features, None
+        if self._side is not None:  # this batch's statistics, before anything reads them
+            torch.cuda.current_stream(self._side.device).wait_stream(self._side)
         probs = None
         if features is not None and self.scores is not None and self._labels is not None \
                 and self.source_probs:
@@ -275,6 +296,11 @@ class FeatureStats:
         if was_training:  # eval()/train() walk every module: skip them when already in eval
             self.model.eval()
         self._updates += 1
+        self._side = None
+        if SIDE_STREAM and device.type == "cuda":
+            if device not in self._streams:
+                self._streams[device] = torch.cuda.Stream(device)
+            self._side = self._streams[device]
         self._labels, self._batch_size, self._active = labels, len(batch), True
         self._classes = self.num_classes if labels is not None else 1
         try:
