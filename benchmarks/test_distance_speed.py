@@ -1,29 +1,36 @@
-"""Speed of the fused distance op against the baselines of the issue, in the same run.
+"""Speed of the distance ops against the baselines of the issue, in the same run.
 
-One benchmark group per (workload, device). Every group holds our op and the
-baselines, so `ratios.py` can divide times measured minutes apart on one machine:
+One benchmark group per (workload, device). Every group holds our entries and the
+baselines (described in conftest.BASELINES), so `ratios.py` divides times measured
+minutes apart on one machine:
 
-  loop_item   the authors' script: per tensor, (a - b).abs().mean() for D(θr, θB)
-              and D(θA, θB), each read with .item()
-  loop_stack  the same loop, the per-tensor results stacked and read once
-  foreach     torch._foreach_sub then torch._foreach_norm, for both anchors
-  roofline    x.sum() over one tensor holding as many bytes as the three sets
+  op          multi_tensor_distance([θr, θA], [θB], backend=<device>): the list op
+  packed      packed_distance on buffers packed once (PackedLayout): the plan-once route
+  op_torch    the same with backend="torch": the pure-torch fallback (ops/fallback.py),
+              what runs without the compiled library (ResNet-50 and the small tensors)
+  loop_item, loop_stack, naive_loop, foreach, roofline: the baselines
 
-Each measured function returns its result on the host (or syncs the GPU), so the
-time covers the whole computation.
+Goals on the CPU: op and packed at least 85% of the roofline on ResNet-50 and 60% on
+the 2000 small tensors; op_torch at least as fast as naive_loop, which computes one of
+the five sums op_torch returns. Each measured function returns its result on the host
+(or syncs the GPU), so the time covers the whole computation. `python -m
+benchmarks.paired` times the same functions back to back, round by round.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 import torch
 
 import transfer_fast
 from transfer_fast import multi_tensor_distance, transferability
+from transfer_fast.ops import packed_distance
 
 from .conftest import Workload, make_workload, measure, selected
 
-BASELINES = ("loop_item", "loop_stack", "foreach", "roofline")
+BASELINE_ENTRIES = ("loop_item", "loop_stack", "naive_loop", "foreach", "roofline")
 
 
 def loop_item(w: Workload) -> list[float]:
@@ -42,6 +49,11 @@ def loop_stack(w: Workload) -> torch.Tensor:
     return torch.stack([torch.stack(d_random), torch.stack(d_pretrained)]).cpu()
 
 
+def naive_loop(w: Workload) -> list[torch.Tensor]:
+    return [(a - b).abs().mean() for anchor in (w.random, w.pretrained)
+            for a, b in zip(anchor, w.finetuned)]
+
+
 def foreach(w: Workload) -> torch.Tensor:
     norms = [torch._foreach_norm(torch._foreach_sub(anchor, w.finetuned))
              for anchor in (w.random, w.pretrained)]
@@ -52,16 +64,27 @@ def roofline(w: Workload) -> float:
     return w.roofline.sum().item()
 
 
-def fused(backend: str):
-    def run(w: Workload) -> torch.Tensor:
-        out = multi_tensor_distance([w.random, w.pretrained], [w.finetuned], backend=backend)
-        return out.cpu()
+def ours(entry: str, device: str) -> Callable[[Workload], torch.Tensor]:
+    """Our entry `entry` ('op', 'packed', 'op_torch') for tensors on `device`."""
+    backend = "torch" if entry == "op_torch" else device
+    if entry == "packed":
+        def run(w: Workload) -> torch.Tensor:
+            layout, anchors, targets = w.packed()
+            return packed_distance(anchors, targets, layout, backend=backend).cpu()
+    else:
+        def run(w: Workload) -> torch.Tensor:
+            return multi_tensor_distance([w.random, w.pretrained], [w.finetuned],
+                                         backend=backend).cpu()
     return run
 
 
+def function(entry: str, device: str) -> Callable[[Workload], object]:
+    return globals()[entry] if entry in BASELINE_ENTRIES else ours(entry, device)
+
+
 def entries(workload: str) -> list[str]:
-    ours = ["op"] + (["op_torch"] if workload == "small2000" else [])
-    return ours + list(BASELINES)
+    mine = ["op", "packed"] + (["op_torch"] if workload != "vitb16" else [])
+    return mine + list(BASELINE_ENTRIES)
 
 
 CASES = [(w, e) for w in ("resnet50", "vitb16", "small2000") for e in entries(w)]
@@ -75,20 +98,17 @@ def require_backend(backend: str) -> None:
 
 def run(benchmark, fn, w: Workload, group: str, entry: str) -> None:
     measure(benchmark, lambda: fn(w), group=group, entry=entry, device=w.device,
-            nbytes=w.nbytes, baseline=entry in BASELINES)
+            nbytes=w.nbytes)
 
 
 @pytest.mark.parametrize(("workload", "entry"), CASES, ids=[f"{w}-{e}" for w, e in CASES])
 def test_distance(benchmark, workloads, device, workload, entry):
     w = workloads(workload, device)
-    if entry == "op":
+    if entry in ("op", "packed"):
         require_backend(device)
-        fn = fused(device)
-    elif entry == "op_torch":
-        fn = fused("torch")
-    else:
-        fn = globals()[entry]
-    run(benchmark, fn, w, f"{workload} [{device}]", entry)
+    if entry == "packed":
+        w.packed()  # packing is planned once, outside the timing
+    run(benchmark, function(entry, device), w, f"{workload} [{device}]", entry)
 
 
 E2E_ENTRIES = ["transferability", "loop_item", "loop_stack", "roofline"]

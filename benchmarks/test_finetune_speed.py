@@ -54,7 +54,6 @@ from transfer_fast.train.trajectory import Trajectory
 from .conftest import measure
 
 EPOCHS, BATCH, LR, SEED = 10, 64, 0.01, 0
-BASELINES = ("bare_loop", "epoch")
 # One intra-op thread: on the shared 2-core machines, two threads that meet another busy
 # process spin-wait and make an epoch 10-20x slower at random, drowning a 3% difference.
 THREADS = 1
@@ -175,7 +174,7 @@ def test_train_loop(benchmark, workload, entry):
         return fn(workload, workload.runs / f"{entry}-{next(counter)}")
 
     measure(benchmark, call, group=f"train-loop [TinyResNet digits, {EPOCHS} epochs]",
-            entry=entry, device="cpu", nbytes=workload.nbytes, baseline=entry in BASELINES)
+            entry=entry, device="cpu", nbytes=workload.nbytes)
 
 
 @pytest.fixture(scope="session")
@@ -203,7 +202,7 @@ def test_trajectory(benchmark, workload, live, entry):
     call()
     nbytes = sum(t.numel() * t.element_size() for t in model.parameters()) * 3
     measure(benchmark, call, group="trajectory [TinyResNet digits]", entry=entry,
-            device="cpu", nbytes=nbytes, baseline=entry in BASELINES)
+            device="cpu", nbytes=nbytes)
 
 
 def main() -> None:

@@ -14,9 +14,6 @@ that all agree. The baselines take seconds to tens of seconds: pedantic, few rou
 
 from __future__ import annotations
 
-import resource
-import time
-
 import numpy as np
 import pytest
 import scipy.linalg
@@ -25,8 +22,9 @@ from scipy.linalg import blas
 
 from transfer_fast.measure.frechet import frechet_distance
 
+from .conftest import describe, preemption_counted
+
 D, SAMPLES, LATENT = 2048, 4096, 256
-BASELINES = ("scipy_sqrtm", "eigvals")
 # sqrtm takes about 20 s at d = 2048 on 2 cores, eigvals 4 s: the whole file about 2 minutes.
 ROUNDS = {"frechet_distance": 5, "scipy_sqrtm": 1, "eigvals": 2, "alt_trmm": 3, "alt_svdvals": 2}
 
@@ -91,14 +89,9 @@ ENTRIES = {"frechet_distance": ours, "scipy_sqrtm": scipy_sqrtm, "eigvals": eigv
 @pytest.mark.parametrize("entry", list(ENTRIES))
 def test_frechet(benchmark, gaussians, entry):
     """extra_info as ratios.py expects; `bytes` is the size of the two covariances."""
-    benchmark.group = f"frechet-{D}"
-    benchmark.extra_info.update(entry=entry, device="cpu", bytes=2 * D * D * 8,
-                                threads=torch.get_num_threads(), baseline=entry in BASELINES,
-                                torch=torch.__version__)
-    switches, start = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw, time.perf_counter()
-    distance = benchmark.pedantic(ENTRIES[entry], args=tuple(gaussians),
-                                  rounds=ROUNDS[entry], iterations=1)
-    switches = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - switches
-    benchmark.extra_info["preempted_per_s"] = round(switches / (time.perf_counter() - start))
+    describe(benchmark, group=f"frechet-{D}", entry=entry, device="cpu", nbytes=2 * D * D * 8)
+    with preemption_counted(benchmark):
+        distance = benchmark.pedantic(ENTRIES[entry], args=tuple(gaussians),
+                                      rounds=ROUNDS[entry], iterations=1)
     benchmark.extra_info["distance"] = distance
     assert np.isfinite(distance) and distance > 0

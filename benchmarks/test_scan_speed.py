@@ -38,10 +38,8 @@ from __future__ import annotations
 
 import csv
 import os
-import resource
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,13 +52,14 @@ from transfer_fast import transferability
 from transfer_fast.pipelines.scan import MAX_BATCH, SEGMENT_ELEMS, default_memory_budget
 from transfer_fast.testing import random_state, resnet_shapes, triple
 
+from .conftest import describe, preemption_counted
+
 NUM_FINETUNED = 32
 FINETUNED_CLASSES = 10
 STEP = 0.2  # as testing.triple: θB = θA + 0.2 * N(0, 0.05^2)
 FORMATS = ("safetensors", "pt")
-BASELINES = ("script_loop", "measure_loop", "measure_loop_auto", "read_only", "read_touch",
-             "read_raw")
-ENTRIES = ("scan", "scan_paper", "scan_tables", *BASELINES)
+ENTRIES = ("scan", "scan_paper", "scan_tables", "script_loop", "measure_loop",
+           "measure_loop_auto", "read_only", "read_touch", "read_raw")
 ENV_DIR = "TRANSFER_FAST_SCAN_DIR"
 _DONE_MARK = ".complete"
 
@@ -323,12 +322,10 @@ CASES = [(fmt, entry) for fmt in FORMATS for entry in ENTRIES]
 def test_scan32(benchmark, request, scan_workloads, fmt, entry):
     w = scan_workloads(fmt)
     ours = entry.startswith("scan")
-    benchmark.group = f"scan{NUM_FINETUNED} [{fmt}]"
-    benchmark.extra_info.update(
-        entry=entry, device=str(scan_device().type) if ours else "cpu", bytes=w.nbytes,
-        threads=torch.get_num_threads(), baseline=entry in BASELINES, torch=torch.__version__,
-        format=fmt, checkpoints=len(w.finetuned), checkpoint_bytes=w.checkpoint_bytes,
-        batch=min(batch_size(), len(w.finetuned)) if ours else 1)
+    describe(benchmark, group=f"scan{NUM_FINETUNED} [{fmt}]", entry=entry,
+             device=str(scan_device().type) if ours else "cpu", nbytes=w.nbytes,
+             format=fmt, checkpoints=len(w.finetuned), checkpoint_bytes=w.checkpoint_bytes,
+             batch=min(batch_size(), len(w.finetuned)) if ours else 1)
     rounds = max(1, request.config.getoption("benchmark_min_rounds"))
     if ours:
         preset = "paper" if entry == "scan_paper" else "auto"
@@ -344,7 +341,5 @@ def test_scan32(benchmark, request, scan_workloads, fmt, entry):
             return fn(w)
 
         kwargs = {}
-    switches, start = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw, time.perf_counter()
-    benchmark.pedantic(target, rounds=rounds, iterations=1, warmup_rounds=0, **kwargs)
-    switches = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - switches
-    benchmark.extra_info["preempted_per_s"] = round(switches / (time.perf_counter() - start))
+    with preemption_counted(benchmark):
+        benchmark.pedantic(target, rounds=rounds, iterations=1, warmup_rounds=0, **kwargs)

@@ -31,12 +31,13 @@ TORCH_LIBRARY(transfer_fast, m) {
   // (tensor, begin, end), at most 2^16 elements each; built once per layout.
   m.def("packed_chunks(Tensor offsets, Tensor numels) -> Tensor");
   // x: (N, C, S), or (N, S, C) when channels_last; shift: float64 (C,), the
-  // value subtracted before squaring (near the mean keeps float64 exact);
+  // value subtracted before squaring (near the mean keeps float64 exact), or
+  // None: each channel's first element (sample 0, position 0);
   // labels: int64 (N,) in [0, num_classes), or None with num_classes == 1.
   // Returns float64 count (K,) (elements per channel), mean (K, C) and
   // centred sum of squares (K, C) per class; empty classes give zeros.
   m.def(
-      "channel_stats(Tensor x, Tensor shift, Tensor? labels, int num_classes, "
+      "channel_stats(Tensor x, Tensor? shift, Tensor? labels, int num_classes, "
       "bool channels_last) -> (Tensor, Tensor, Tensor)");
   // Raises on request (mode 1: RuntimeError, 2: ValueError, 3: RuntimeError
   // from a worker thread), else returns int64 [0]: errors must reach Python.

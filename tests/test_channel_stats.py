@@ -195,3 +195,86 @@ def test_three_dimensional_input_channels_first(device):
     assert_matches(got, exact(x, channel_dim=1))
     got = ops.channel_stats(x.to(device), backend=backend_of(device))  # (N, L, C) tokens
     assert_matches(got, exact(x, channel_dim=2))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("labelled", [False, True])
+def test_long_rows_are_cut_into_pieces_and_merged_in_a_fixed_order(device, channels_last,
+                                                                   labelled):
+    """Few (sample, channel) rows of many positions: the CUDA kernel cuts each row into
+    pieces and merges them with several threads per class; results stay exact and
+    bitwise reproducible."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(5, 3, 64, 70, generator=g) * 2 + 5
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    labels = torch.tensor([1, 0, 1, 1, 0]) if labelled else None
+    k = 2 if labelled else 1
+    y = None if labels is None else labels.to(device)
+    got = ops.channel_stats(x.to(device), y, k, backend=backend_of(device))
+    assert_matches(got, exact(x, labels, k))
+    again = ops.channel_stats(x.to(device), y, k, backend=backend_of(device))
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+def test_more_classes_than_one_grid_dimension(device):
+    """70,000 classes (past CUDA's 65,535 blocks in y), few of them present."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(40, 6, 3, 3, generator=g)
+    labels = torch.randint(0, 70_000, (40,), generator=g)
+    labels[:3] = torch.tensor([69_999, 65_535, 0])
+    count, mean, m2 = ops.channel_stats(x.to(device), labels.to(device), 70_000,
+                                        backend=backend_of(device))
+    present = labels.unique()
+    want = exact(x, torch.searchsorted(present, labels), len(present))
+    assert_matches((count.cpu()[present], mean.cpu()[present], m2.cpu()[present]), want)
+    absent = torch.ones(70_000, dtype=torch.bool)
+    absent[present] = False
+    assert not count.cpu()[absent].any() and not mean.cpu()[absent].any()
+
+
+def test_no_shift_means_each_channels_first_element(device):
+    """shift=None inside the op equals passing the first sample's values explicitly."""
+    g = torch.Generator().manual_seed(10)
+    x = (torch.randn(7, 4, 9, generator=g) + 1e3).to(device)
+    first = x[0, :, 0].double().contiguous()
+    op = torch.ops.transfer_fast.channel_stats
+    if not tf.backend_status()[backend_of(device)] == "available":
+        pytest.skip("compiled kernels not built")
+    for cl in (False, True):
+        want = op(x, first if not cl else x[0, 0, :].double().contiguous(), None, 1, cl)
+        got = op(x, None, None, 1, cl)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_opcheck_without_shift():
+    if not tf.backend_status()["cpu"] == "available":
+        pytest.skip("compiled kernels not built")
+    torch.library.opcheck(torch.ops.transfer_fast.channel_stats.default,
+                          (torch.randn(4, 3, 5), None, torch.tensor([0, 1, 1, 0]), 2, False))
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+def test_pure_torch_fallback_matches_float64_on_every_layout(labelled):
+    g = torch.Generator().manual_seed(11)
+    for make in LAYOUTS.values():
+        x, cdim = make(g)
+        x = x * 3 + 1e3
+        labels = torch.randint(0, 4, (x.shape[0],), generator=g) if labelled else None
+        k = 4 if labelled else 1
+        assert_matches(ops.channel_stats(x, labels, k, backend="torch"),
+                       exact(x, labels, k, cdim))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_aligned_and_unaligned_rows_give_the_same_statistics(device, dtype):
+    """Rows of whole 16-byte vectors take 16-byte loads on CUDA; the same values one
+    element into their storage (unaligned) take element loads: both match float64."""
+    g = torch.Generator().manual_seed(12)
+    n, c, s = 9, 6, 8 * 40
+    base = (torch.randn(1 + n * c * s, generator=g) * 3 + 2).to(device, dtype)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    for x in (base[:-1].view(n, c, s), base[1:].view(n, c, s)):  # the views stay on device
+        got = ops.channel_stats(x, labels.to(device), 3, channels_first=True,
+                                backend=backend_of(device))
+        assert_matches(got, exact(x, labels, 3))

@@ -255,3 +255,69 @@ def test_scores_are_fed_the_penultimate_features_in_the_same_forward_pass():
     assert got["logme"] == pytest.approx(tf.logme(feats, y), rel=1e-6)
     assert got["leep"] == pytest.approx(tf.leep(probs, y), rel=1e-5)
     assert got["nce"] == pytest.approx(tf.nce(probs.argmax(1), y), rel=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_a_nan_batch_is_refused_by_the_next_call_or_read():
+    """The finiteness flag of a GPU batch is checked one call later (no synchronisation
+    per batch): the bad batch and the batch of the call that reports it are not added."""
+    net = model().cuda()
+    x, _ = data(30)
+    bad = x[10:20].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with tf.FeatureStats(net) as stats:
+        stats.update(x[:10])
+        try:
+            stats.update(bad)
+            stats.update(x[20:])
+        except tf.TransferFastError as exc:
+            assert "NaN or Inf at the input of 'bn1'" in str(exc)
+        else:
+            pytest.fail("the NaN batch was accepted")
+        assert stats.samples == 10
+    with tf.FeatureStats(net) as clean:
+        clean.update(x[:10])
+    assert torch.equal(stats.layers["bn2"].m2, clean.layers["bn2"].m2)
+    with tf.FeatureStats(net) as read:
+        read.update(x[:10])
+        read.update(bad)
+        with pytest.raises(tf.TransferFastError, match="NaN or Inf"):
+            read.layers  # noqa: B018
+        assert read.samples == 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_statistics_equal_the_cpu_ones(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 convolutions
+    net = model()
+    x, y = data(40)
+    with tf.FeatureStats(net) as cpu:
+        for xb, yb in zip(x.split(10), y.split(10)):
+            cpu.update(xb, yb)
+    with tf.FeatureStats(net.cuda()) as gpu:
+        for xb, yb in zip(x.split(10), y.split(10)):
+            gpu.update(xb, yb)
+    assert gpu.samples == 40
+    for name, want in cpu.layers.items():
+        got = gpu.layers[name]
+        assert torch.allclose(got.class_mean.cpu(), want.class_mean, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(got.variance().cpu(), want.variance(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_side_stream_gives_the_same_bits_as_one_stream(monkeypatch):
+    """The statistics kernels run beside the forward pass on a second stream; the results
+    are those of the same kernels on the main stream, bit for bit."""
+    import transfer_fast.measure.features as features
+
+    net = model().cuda()
+    x, y = data(40)
+    results = []
+    for side in (True, False):
+        monkeypatch.setattr(features, "SIDE_STREAM", side)
+        with tf.FeatureStats(net) as stats:
+            for xb, yb in zip(x.split(10), y.split(10)):
+                stats.update(xb, yb)
+            results.append({k: v.class_m2.clone() for k, v in stats.layers.items()})
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])

@@ -15,9 +15,9 @@ struct StatsDims {
   int64_t inner;     // S: positions per (sample, channel), H*W or L
 };
 
-// x: (N, C, S), or (N, S, C) when channels_last; shift: float64 (C,);
-// labels: int64 (N,) or undefined with num_classes == 1.
-inline StatsDims check_stats_inputs(const at::Tensor& x, const at::Tensor& shift,
+// x: (N, C, S), or (N, S, C) when channels_last; shift: float64 (C,) or none
+// (each channel's first element); labels: int64 (N,) or none with num_classes == 1.
+inline StatsDims check_stats_inputs(const at::Tensor& x, const std::optional<at::Tensor>& shift,
                                     const std::optional<at::Tensor>& labels,
                                     int64_t num_classes, bool channels_last,
                                     at::DeviceType device_type) {
@@ -31,10 +31,13 @@ inline StatsDims check_stats_inputs(const at::Tensor& x, const at::Tensor& shift
   TORCH_CHECK(x.is_contiguous(), "channel_stats: x of shape ", x.sizes(),
               " is not contiguous");
   const int64_t C = x.size(channels_last ? 2 : 1);
-  TORCH_CHECK(shift.scalar_type() == at::kDouble && shift.dim() == 1 && shift.size(0) == C &&
-                  shift.is_contiguous() && shift.device() == x.device(),
-              "channel_stats: expected shift float64 (", C, ",) contiguous on ", x.device(),
-              ", got ", shift.scalar_type(), " ", shift.sizes(), " on ", shift.device());
+  if (shift.has_value()) {
+    const at::Tensor& h = *shift;
+    TORCH_CHECK(h.scalar_type() == at::kDouble && h.dim() == 1 && h.size(0) == C &&
+                    h.is_contiguous() && h.device() == x.device(),
+                "channel_stats: expected shift float64 (", C, ",) contiguous on ", x.device(),
+                ", got ", h.scalar_type(), " ", h.sizes(), " on ", h.device());
+  }
   TORCH_CHECK(num_classes >= 1, "channel_stats: num_classes must be >= 1, got ", num_classes);
   if (labels.has_value()) {
     const at::Tensor& y = *labels;

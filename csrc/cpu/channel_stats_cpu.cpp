@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "../common/channel_stats_common.h"
 #include "../common/channel_stats_finish.h"
@@ -79,11 +80,10 @@ void sums_channels_last(const scalar_t* x, const double* shift, const int64_t* l
 // Sums -> mean and centred sum of squares, in place (s1 becomes the mean, s2
 // the m2). One loop over (K, C): with a thousand classes this is most of the
 // work after the pass over x.
-void finish_in_place(const at::Tensor& count, const at::Tensor& shift, at::Tensor& s1,
+void finish_in_place(const at::Tensor& count, const double* sh, at::Tensor& s1,
                      at::Tensor& s2) {
   const int64_t K = s1.size(0), C = s1.size(1);
   const double* n = count.const_data_ptr<double>();
-  const double* sh = shift.const_data_ptr<double>();
   double* a = s1.data_ptr<double>();
   double* b = s2.data_ptr<double>();
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, C));
@@ -96,9 +96,21 @@ void finish_in_place(const at::Tensor& count, const at::Tensor& shift, at::Tenso
   });
 }
 
+// Each channel's first element (sample 0, position 0) as float64: the shift
+// when the caller gives none. Zeros when x has no element.
+template <typename scalar_t>
+std::vector<double> first_elements(const scalar_t* x, const StatsDims& d, bool channels_last) {
+  std::vector<double> out(d.channels, 0.0);
+  if (d.samples == 0 || d.inner == 0) return out;
+  for (int64_t c = 0; c < d.channels; ++c) {
+    out[c] = static_cast<double>(x[channels_last ? c : c * d.inner]);
+  }
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_stats_cpu(
-    const at::Tensor& x, const at::Tensor& shift, const std::optional<at::Tensor>& labels,
-    int64_t num_classes, bool channels_last) {
+    const at::Tensor& x, const std::optional<at::Tensor>& shift,
+    const std::optional<at::Tensor>& labels, int64_t num_classes, bool channels_last) {
   const StatsDims d =
       check_stats_inputs(x, shift, labels, num_classes, channels_last, at::kCPU);
   const int64_t K = num_classes;
@@ -114,12 +126,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_stats_cpu(
                 " is outside [0, num_classes=", K, ")");
     cnt[k] += static_cast<double>(d.inner);
   }
+  std::vector<double> first;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_stats", [&] {
+    const scalar_t* data = x.const_data_ptr<scalar_t>();
+    if (!shift.has_value()) first = first_elements(data, d, channels_last);
+    const double* sh = shift.has_value() ? shift->const_data_ptr<double>() : first.data();
     auto run = channels_last ? sums_channels_last<scalar_t> : sums_channels_first<scalar_t>;
-    run(x.const_data_ptr<scalar_t>(), shift.const_data_ptr<double>(), y, d,
-        s1.data_ptr<double>(), s2.data_ptr<double>());
+    run(data, sh, y, d, s1.data_ptr<double>(), s2.data_ptr<double>());
   });
-  finish_in_place(count, shift, s1, s2);
+  finish_in_place(count, shift.has_value() ? shift->const_data_ptr<double>() : first.data(), s1,
+                  s2);
   return {count, s1, s2};
 }
 

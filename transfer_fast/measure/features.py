@@ -10,6 +10,7 @@ FeatureState (feature_state.py): saved once, reloaded and merged without a model
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +22,9 @@ from .feature_state import FeatureState
 from .stats import ChannelStats, CovarianceStats
 
 MAX_PARTS = 64  # batches kept per layer before they are merged
+# On a GPU the statistics kernels run on a second stream, beside the layers that follow
+# in the same forward pass: they only read memory, the convolutions mostly compute.
+SIDE_STREAM = True
 _BN = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -34,6 +38,20 @@ def penultimate_layer(model: nn.Module) -> str | None:
     """Name of the last nn.Linear (its input is the penultimate features), or None."""
     linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     return linear[-1] if linear else None
+
+
+@dataclass
+class _Batch:
+    """One update()'s results, held back until they are known to be finite."""
+
+    parts: list[tuple[str, ChannelStats]]
+    features: torch.Tensor | None
+    labels: torch.Tensor | None
+    probs: torch.Tensor | None
+    samples: int
+    call: int  # which update() call it came from, from 1
+    finite: torch.Tensor | None = None  # CUDA: pinned host copy of the device flag
+    ready: object = None  # CUDA: event recorded after the flag's copy
 
 
 class FeatureStats:
@@ -54,6 +72,15 @@ class FeatureStats:
             ... are read through to it).
     Hooks record only inside update(); a module that runs several times in one forward
     pass (a shared block) adds each of its inputs.
+
+    A batch whose activations hold a NaN or an Inf is refused whole: the statistics stay
+    as they were before it. On the CPU update() checks its own batch. On a GPU that
+    check would wait for the whole forward pass every batch, so update() launches a
+    finiteness flag and checks it one batch later, when the GPU has long computed it:
+    a batch is added only once checked, by the next update() or by any read of the
+    statistics (`layers`, `state`, `samples`, `save`, ...). A bad batch raises there;
+    an update() that raises for the batch before it does not add its own batch either,
+    so passing that batch again is always safe.
     """
 
     def __init__(self, model: nn.Module, modules: Sequence[str] | None = None, *,
@@ -70,13 +97,19 @@ class FeatureStats:
         self._handles: list = []
         self._active = False  # hooks record only inside update(), never a stray forward
         self._labels: torch.Tensor | None = None
+        self._classes = 1  # classes of the batch being recorded
+        self._batch_size = 0
         self._pending: list[tuple[str, ChannelStats]] = []  # this batch's, until it is checked
         self._pending_features: torch.Tensor | None = None
+        self._unchecked: _Batch | None = None  # CUDA: the last batch, its flag in flight
+        self._updates = 0
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._side: torch.cuda.Stream | None = None  # this batch's statistics stream
         modules = list(batchnorm_layers(model) if modules is None else modules)
         penultimate = penultimate_layer(model) if penultimate is True else (penultimate or None)
-        self.state = FeatureState(modules=modules, penultimate=penultimate,
-                                  num_classes=num_classes,
-                                  metadata={"model": type(model).__name__})
+        self._state = FeatureState(modules=modules, penultimate=penultimate,
+                                   num_classes=num_classes,
+                                   metadata={"model": type(model).__name__})
         self._attach(modules, penultimate)
 
     def _attach(self, modules: list[str], penultimate: str | None) -> None:
@@ -89,90 +122,151 @@ class FeatureStats:
         if not watched:
             raise TransferFastError(f"{type(self.model).__name__}: no module to watch (no "
                                     "BatchNorm and no Linear layer); name the modules explicitly")
+        recorded = set(modules)
         for name in watched:
             # BatchNorm normalises dim 1 whatever the rank: (N, C, L) for BatchNorm1d.
             first = isinstance(named[name], _BN)
-            self._handles.append(named[name].register_forward_pre_hook(self._hook(name, first)))
+            hook = self._hook(name, first, name in recorded, name == penultimate)
+            self._handles.append(named[name].register_forward_pre_hook(hook))
+
+    @property
+    def state(self) -> FeatureState:
+        """The FeatureState accumulated so far (every checked batch added)."""
+        self._check_pending()
+        return self._state
 
     # Read-through views of the state, so that a recorder reads like its statistics.
-    modules = property(lambda self: self.state.modules)
-    penultimate = property(lambda self: self.state.penultimate)
+    modules = property(lambda self: self._state.modules)
+    penultimate = property(lambda self: self._state.penultimate)
     covariance = property(lambda self: self.state.covariance)
     samples = property(lambda self: self.state.samples)
-    num_classes = property(lambda self: self.state.num_classes)
-    metadata = property(lambda self: self.state.metadata)
+    num_classes = property(lambda self: self._state.num_classes)
+    metadata = property(lambda self: self._state.metadata)
 
     @property
     def layers(self) -> dict[str, ChannelStats]:
         """{module name: ChannelStats} of everything accumulated so far."""
+        self._check_pending()
         for name in list(self._parts):
             self._consolidate(name)
-        return self.state.layers
+        return self._state.layers
 
-    def _hook(self, name: str, channels_first: bool):
+    def _hook(self, name: str, channels_first: bool, recorded: bool, penultimate: bool):
+        """The forward pre-hook of one module; what it records is decided here, once."""
         def hook(module, inputs):
             if not self._active:
                 return
-            if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() < 2:
+            x = inputs[0] if inputs else None
+            if not isinstance(x, torch.Tensor) or x.dim() < 2:
                 raise TransferFastError(f"module {name!r}: expected a tensor input of shape "
                                         "(N, C, ...) to take statistics of")
-            self._observe(name, inputs[0].detach(), channels_first)
+            x = x.detach()
+            if recorded:
+                self._add(name, x, channels_first)
+            if penultimate:
+                feats = x.flatten(1) if x.dim() != 2 else x
+                if not recorded:
+                    self._add(name, feats, False)
+                self._pending_features = feats
         return hook
-
-    def _observe(self, name: str, x: torch.Tensor, channels_first: bool) -> None:
-        if name in self.modules:
-            self._add(name, x, channels_first)
-        if name == self.penultimate:
-            feats = x.flatten(1) if x.dim() != 2 else x
-            if name not in self.modules:
-                self._add(name, feats, False)
-            self._pending_features = feats
 
     def _add(self, name: str, x: torch.Tensor, channels_first: bool) -> None:
         if self._labels is not None and x.shape[0] != self._batch_size:
             raise TransferFastError(f"module {name!r} got {x.shape[0]} rows from a batch of "
                                     f"{self._batch_size} samples: class statistics need one "
                                     "row per labelled sample")
-        k = self.num_classes if self._labels is not None else 1
-        count, mean, m2 = ops.channel_stats(x, self._labels, k, shift=self._shift.get(name),
-                                            channels_first=channels_first, backend=self.backend)
-        self._pending.append((name, ChannelStats(count, mean, m2)))
+        args = (x, self._labels, self._classes)
+        kwargs = dict(shift=self._shift.get(name), channels_first=channels_first,
+                      backend=self.backend)
+        if self._side is None or x.device != self._side.device:
+            stats = ops.channel_stats(*args, **kwargs)
+        else:
+            # The side stream starts after what produced x; x (and the labels) must
+            # outlive its reads there, the results their uses on the main stream.
+            main = torch.cuda.current_stream(x.device)
+            self._side.wait_stream(main)
+            with torch.cuda.stream(self._side):
+                stats = ops.channel_stats(*args, **kwargs)
+            x.record_stream(self._side)
+            if self._labels is not None:
+                self._labels.record_stream(self._side)
+            for t in stats:
+                t.record_stream(main)
+        self._pending.append((name, ChannelStats(*stats)))
 
-    def _check_finite(self, pending: list[tuple[str, ChannelStats]]) -> None:
-        """One finiteness check per batch over every layer, so a GPU synchronises once."""
-        if pending and not torch.isfinite(torch.cat([p.class_m2.flatten()
-                                                     for _, p in pending])).all():
-            names = [name for name, p in pending if not torch.isfinite(p.class_m2).all()]
-            raise TransferFastError(f"activations with NaN or Inf at the input of "
-                                    f"{first_few(names)}")
+    def _finite_flag(self, parts: list[tuple[str, ChannelStats]]) -> torch.Tensor:
+        """0-dim bool on the statistics' device: every layer's m2 finite (a NaN or an Inf in
+        the activations reaches it). One reduction per batch, no synchronisation."""
+        norms = torch._foreach_norm([p.class_m2 for _, p in parts], 1)
+        return torch.stack(norms).sum().isfinite()
 
-    def _commit(self, output) -> None:
-        """Adds this batch's statistics, once every layer's are known to be finite."""
-        pending, self._pending = self._pending, []
+    def _refuse(self, batch: _Batch, later: str = "") -> TransferFastError:
+        """The error for a batch that is not finite; `later`: said when it is reported
+        after the call that ran it."""
+        names = [name for name, p in batch.parts if not torch.isfinite(p.class_m2).all()]
+        where = f" in the batch of update() call {batch.call}" if later else ""
+        return TransferFastError(f"activations with NaN or Inf at the input of "
+                                 f"{first_few(names)}{where}: that batch is not added{later}")
+
+    def _collect(self, output) -> _Batch:
+        """This batch's results, with its finiteness flag on the way to the host."""
+        parts, self._pending = self._pending, []
         features, self._pending_features = self._pending_features, None
-        self._check_finite(pending)
-        for name, part in pending:
+        if self._side is not None:  # this batch's statistics, before anything reads them
+            torch.cuda.current_stream(self._side.device).wait_stream(self._side)
+        probs = None
+        if features is not None and self.scores is not None and self._labels is not None \
+                and self.source_probs:
+            probs = output.float().softmax(1)
+        batch = _Batch(parts, features, self._labels, probs, self._batch_size, self._updates)
+        if parts and parts[0][1].class_m2.is_cuda:
+            flag = self._finite_flag(parts)
+            batch.finite = flag.to("cpu", non_blocking=True)
+            batch.ready = torch.cuda.Event()
+            batch.ready.record()
+        return batch
+
+    def _is_finite(self, batch: _Batch) -> bool:
+        if not batch.parts:
+            return True
+        if batch.finite is None:  # CPU: the flag costs no wait
+            return bool(self._finite_flag(batch.parts))
+        batch.ready.synchronize()  # the flag's copy, not the work queued after it
+        return bool(batch.finite)
+
+    def _check_pending(self, later: str = " (found on reading the statistics)") -> None:
+        """Adds the batch whose flag was in flight, or raises if it was not finite."""
+        batch, self._unchecked = self._unchecked, None
+        if batch is not None:
+            if not self._is_finite(batch):
+                raise self._refuse(batch, later)
+            self._apply(batch)
+
+    def _apply(self, batch: _Batch) -> None:
+        """Adds a batch known to be finite."""
+        for name, part in batch.parts:
             if name not in self._shift:  # the first batch's mean keeps later sums near zero
                 self._shift[name] = part.mean
             parts = self._parts.setdefault(name, [])
             parts.append(part)
             if len(parts) >= MAX_PARTS:
                 self._consolidate(name)
+        self._state.samples += batch.samples
+        features = batch.features
         if features is None:
             return
-        if self.state.covariance is None:
-            self.state.covariance = CovarianceStats.empty(features.shape[1], features.device)
-        self.state.covariance.add_batch(features)
-        if self.scores is not None and self._labels is not None:
-            probs = output.float().softmax(1) if self.source_probs else None
-            self.scores.update(features, self._labels, probs)
+        if self._state.covariance is None:
+            self._state.covariance = CovarianceStats.empty(features.shape[1], features.device)
+        self._state.covariance.add_batch(features)
+        if self.scores is not None and batch.labels is not None:
+            self.scores.update(features, batch.labels, batch.probs)
 
     def _consolidate(self, name: str) -> None:
         parts = self._parts.pop(name, [])
-        if name in self.state.layers:
-            parts.insert(0, self.state.layers[name])
+        if name in self._state.layers:
+            parts.insert(0, self._state.layers[name])
         if parts:
-            self.state.layers[name] = ChannelStats.combine(parts)
+            self._state.layers[name] = ChannelStats.combine(parts)
 
     @torch.no_grad()
     def update(self, batch: torch.Tensor, labels=None):
@@ -185,7 +279,8 @@ class FeatureStats:
         Raises:
             TransferFastError: bad labels, mixing labelled and unlabelled batches, or
                 activations with NaN/Inf (the whole batch is refused, the statistics
-                stay as they were).
+                stay as they were; on a GPU this may be reported by the next update(),
+                see the class docstring).
         """
         if self._labelled is not None and self._labelled != (labels is not None):
             raise TransferFastError("labelled and unlabelled batches cannot be mixed: class "
@@ -195,23 +290,38 @@ class FeatureStats:
             labels, k = check_labels(
                 labels, num_samples=len(batch),
                 num_classes=self.num_classes if self._fixed_classes else None)
-            self.state.num_classes = max(self.num_classes or 1, k)
+            self._state.num_classes = max(self.num_classes or 1, k)
             labels = labels.to(device)
         was_training = self.model.training
         if was_training:  # eval()/train() walk every module: skip them when already in eval
             self.model.eval()
+        self._updates += 1
+        self._side = None
+        if SIDE_STREAM and device.type == "cuda":
+            if device not in self._streams:
+                self._streams[device] = torch.cuda.Stream(device)
+            self._side = self._streams[device]
         self._labels, self._batch_size, self._active = labels, len(batch), True
+        self._classes = self.num_classes if labels is not None else 1
         try:
             out = self.model(batch.to(device))
             self._active = False
-            self._commit(out)
+            current = self._collect(out)
         finally:
             self._active, self._labels = False, None
             self._pending, self._pending_features = [], None
             if was_training:
                 self.model.train()
         self._labelled = self._labelled if self._labelled is not None else labels is not None
-        self.state.samples += len(batch)
+        # The previous batch's flag was computed long ago: checking it now does not wait
+        # for this batch. If it raises, this batch is dropped too (see the class docstring).
+        self._check_pending(", nor the batch of this call: pass it again")
+        if current.finite is None:
+            if not self._is_finite(current):
+                raise self._refuse(current)
+            self._apply(current)
+        else:
+            self._unchecked = current
         return out
 
     def accumulate(self, data: Iterable, *, labels: bool = True, progress: bool = True,
@@ -234,13 +344,13 @@ class FeatureStats:
             other.layers  # noqa: B018  (consolidates its pending parts first)
             other = other.state
         self.layers  # noqa: B018
-        self.state.merge(other)
+        self._state.merge(other)
         return self
 
     def all_reduce(self) -> FeatureStats:
         """Merges the statistics of every rank (torch.distributed) into each, in rank order."""
         self.layers  # noqa: B018
-        self.state.all_reduce()
+        self._state.all_reduce()
         return self
 
     def gaussian(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,12 +361,12 @@ class FeatureStats:
     def features(self) -> ChannelStats:
         """Per class moments of the penultimate features (for intraclass_variance)."""
         self.layers  # noqa: B018
-        return self.state.features
+        return self._state.features
 
     def save(self, path: str | Path) -> Path:
         """Writes the statistics (not the model) to a .safetensors file, atomically."""
         self.layers  # noqa: B018
-        return self.state.save(path)
+        return self._state.save(path)
 
     @staticmethod
     def load(path: str | Path) -> FeatureState:

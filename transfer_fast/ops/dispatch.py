@@ -1,8 +1,13 @@
-"""One function per op; the single place that chooses between CUDA, C++ and pure torch."""
+"""One function per op; the single place that chooses between CUDA, C++ and pure torch.
+
+Pure torch means `fallback.py` (fast, as accurate as the kernels) for floating inputs
+on one device, and `reference.py` (float64, the tests' oracle) for anything else.
+"""
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -10,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import TransferFastError
-from . import _fake, _library, reference  # noqa: F401  (_fake registers the fake kernels)
+from . import _fake, _library, fallback, reference  # noqa: F401  (_fake registers the fake kernels)
 
 BACKENDS = ("auto", "cuda", "cpu", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -31,11 +36,13 @@ def backend_status() -> dict[str, str]:
     return status
 
 
-def _fast_route(tensors: list[torch.Tensor], device: torch.device) -> bool:
-    """Whether the tensors can go to a compiled kernel as they are (one dtype, contiguous)."""
-    dtype = tensors[0].dtype
-    return dtype in KERNEL_DTYPES and all(
-        x.dtype == dtype and x.device == device and x.is_contiguous() for x in tensors)
+def _pure_torch(anchors: Sequence[Sequence[torch.Tensor]],
+                targets: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """Distances without a kernel: fallback.py for floating tensors on one device."""
+    device = anchors[0][0].device
+    if all(x.is_floating_point() and x.device == device for s in (*anchors, *targets) for x in s):
+        return fallback.multi_tensor_distance(anchors, targets)
+    return reference.multi_tensor_distance(anchors, targets)
 
 
 def multi_tensor_distance(
@@ -50,7 +57,8 @@ def multi_tensor_distance(
     Returns float64 (A, K, T, 5): sum|a-b|, sum (a-b)^2, sum a*b, sum a^2, sum b^2.
     Mixed dtypes and non-contiguous views are copied to a common dtype (exactly) and
     contiguous memory first; other dtypes (integers, float8) or tensors on several
-    devices are reduced by `reference.py`.
+    devices are reduced by `reference.py`. backend="torch", or no compiled kernel for
+    the device: `fallback.py` (pure torch, float32 blocks added in float64).
     """
     if backend not in BACKENDS:
         raise TransferFastError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -60,8 +68,10 @@ def multi_tensor_distance(
             if len(s) != num_tensors:
                 raise TransferFastError(
                     f"every set needs {num_tensors} tensors, a {role} set has {len(s)}")
-    if backend == "torch" or num_tensors == 0 or not targets:
+    if num_tensors == 0 or not targets:
         return reference.multi_tensor_distance(anchors, targets)
+    if backend == "torch":
+        return _pure_torch(anchors, targets)
 
     device = anchors[0][0].device
     key = _DISPATCH_KEY.get(device.type)
@@ -70,11 +80,16 @@ def multi_tensor_distance(
         raise TransferFastError(f"backend {backend!r} cannot reduce tensors on {device}: "
                            f"{backend_status().get(backend, 'unknown backend')}")
     if not compiled:
-        return reference.multi_tensor_distance(anchors, targets)
-    flat_a = [t for s in anchors for t in s]
-    flat_b = [t for s in targets for t in s]
-    if _fast_route(flat_a + flat_b, device):  # the common case: one call, no regrouping
+        return _pure_torch(anchors, targets)
+    flat_a = list(itertools.chain.from_iterable(anchors))
+    flat_b = list(itertools.chain.from_iterable(targets))
+    # The common case (one dtype and device, contiguous) in one call. The kernel checks
+    # every tensor before it reads any, in C++: a refusal costs nothing and sends the
+    # call to the slow path, where a real error (a shape mismatch) is raised again.
+    try:
         return torch.ops.transfer_fast.multi_tensor_distance(flat_a, flat_b, num_tensors)
+    except RuntimeError:
+        pass
 
     # Slow path, per tensor index: mixed dtypes are promoted (exactly: float16 and
     # bfloat16 -> float32, float32 -> float64) and views copied contiguous, then
@@ -148,19 +163,20 @@ def channel_stats(
         raise TransferFastError(f"channel_stats expects (N, C), (N, L, C) or (N, C, ...) "
                          f"activations, got shape {tuple(x.shape)}")
     x3, channels_last = _stats_layout(x.detach(), channels_first)
-    if labels is not None:
-        labels = labels.to(x.device, torch.long).contiguous()
-    key = _DISPATCH_KEY.get(x.device.type)
+    device = x.device
+    if labels is not None and (labels.dtype != torch.long or labels.device != device
+                               or not labels.is_contiguous()):
+        labels = labels.to(device, torch.long).contiguous()
+    if shift is not None and (shift.dtype != torch.float64 or shift.device != device
+                              or not shift.is_contiguous()):
+        shift = shift.to(device, torch.float64).contiguous()
+    key = _DISPATCH_KEY.get(device.type)
     compiled = key is not None and _library.has_kernel(key, "channel_stats")
-    if backend not in ("auto", "torch") and (backend != x.device.type or not compiled):
-        raise TransferFastError(f"backend {backend!r} cannot reduce tensors on {x.device}: "
+    if backend not in ("auto", "torch") and (backend != device.type or not compiled):
+        raise TransferFastError(f"backend {backend!r} cannot reduce tensors on {device}: "
                            f"{backend_status().get(backend, 'unknown backend')}")
     if backend == "torch" or not compiled or x3.dtype not in KERNEL_DTYPES:
-        return reference.channel_stats(x3, labels, num_classes, channels_last)
-    if shift is None:  # any value of the channel keeps d = x - shift near its spread
-        if x3.numel() == 0:
-            shift = x3.new_zeros(x3.shape[2] if channels_last else x3.shape[1])
-        else:
-            shift = x3[0, 0, :] if channels_last else x3[0, :, 0]
-    shift = shift.to(x.device, torch.float64).contiguous()
+        return fallback.channel_stats(x3, labels, num_classes, channels_last, shift)
+    # No shift: the kernel takes each channel's first element, on the device, with no
+    # extra launch (any value of the channel keeps d = x - shift near its spread).
     return torch.ops.transfer_fast.channel_stats(x3, shift, labels, num_classes, channels_last)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import TransferFastError
-from . import _library
+from . import _library, fallback, reference
 from .dispatch import _DISPATCH_KEY, BACKENDS, KERNEL_DTYPES
 
 ALIGN_ELEMS = 16
@@ -132,7 +132,8 @@ def packed_distance(anchors: torch.Tensor, targets: torch.Tensor, layout: Packed
     anchors: (A, L), targets: (K, L), L = layout.length. Returns float64 (A, K, T, 5):
     sum|a-b|, sum (a-b)^2, sum a*b, sum a^2, sum b^2 per tensor of the layout.
     backend: "auto" (the compiled kernel of the buffers' device, else pure torch),
-    "cpu"/"cuda" (that kernel, or an error), "torch" (pure torch, float64).
+    "cpu"/"cuda" (that kernel, or an error), "torch" (pure torch: fallback.py, float32
+    blocks added in float64; reference.py's float64 sums for non-floating buffers).
     Mixed dtypes are promoted (exactly) and non-contiguous buffers copied first.
     """
     if backend not in BACKENDS:
@@ -142,7 +143,7 @@ def packed_distance(anchors: torch.Tensor, targets: torch.Tensor, layout: Packed
             raise ValueError(f"expected {role} of shape (sets >= 1, {layout.length}), "
                              f"got {tuple(x.shape)}")
     if backend == "torch":
-        return packed_distance_torch(anchors, targets, layout)
+        return _pure_torch(anchors, targets, layout)
     device = anchors.device
     key = _DISPATCH_KEY.get(device.type)
     compiled = key is not None and _library.has_kernel(key, "packed_distance")
@@ -153,43 +154,15 @@ def packed_distance(anchors: torch.Tensor, targets: torch.Tensor, layout: Packed
         raise RuntimeError(f"backend {backend!r} is unavailable: {reason}")
     dtype = torch.promote_types(anchors.dtype, targets.dtype)
     if not compiled or dtype not in KERNEL_DTYPES or targets.device != device:
-        return packed_distance_torch(anchors, targets, layout)
+        return _pure_torch(anchors, targets, layout)
     return torch.ops.transfer_fast.packed_distance(
         anchors.to(dtype).contiguous(), targets.to(dtype).contiguous(), layout.chunks_on(device),
         len(layout))
 
 
-def packed_distance_torch(anchors: torch.Tensor, targets: torch.Tensor,
-                          layout: PackedLayout) -> torch.Tensor:
-    """packed_distance in pure torch: float64 segment sums, one pass per (anchor, target).
-
-    Each set is widened to float64 only while it is used, so memory stays a few
-    float64 copies of one set whatever A and K are.
-    """
-    A, K, T = anchors.shape[0], targets.shape[0], len(layout)
-    device = anchors.device
-    out = torch.zeros(A, K, T, 5, dtype=torch.float64, device=device)
-    if T == 0 or layout.length == 0:
-        return out
-    lengths = layout._cached("segments", device,
-                             lambda: torch.tensor(layout._segments, dtype=torch.long))
-
-    def sums(x: torch.Tensor) -> torch.Tensor:  # (length,) float64 -> (T,), padding dropped
-        return torch.segment_reduce(x, "sum", lengths=lengths)[0::2]
-
-    def widened(x: torch.Tensor) -> torch.Tensor:
-        return x.detach().to(device, torch.float64)
-
-    for k in range(K):
-        b = widened(targets[k])
-        out[:, k, :, 4] = sums(b * b)
-    for i in range(A):
-        a = widened(anchors[i])
-        out[i, :, :, 3] = sums(a * a)
-        for k in range(K):
-            b = widened(targets[k])
-            d = a - b
-            out[i, k, :, 0] = sums(d.abs())
-            out[i, k, :, 1] = sums(d * d)
-            out[i, k, :, 2] = sums(a * b)
-    return out
+def _pure_torch(anchors: torch.Tensor, targets: torch.Tensor, layout: PackedLayout
+                ) -> torch.Tensor:
+    if (anchors.is_floating_point() and targets.is_floating_point()
+            and anchors.device == targets.device):
+        return fallback.packed_distance(anchors, targets, layout)
+    return reference.packed_distance(anchors, targets, layout)

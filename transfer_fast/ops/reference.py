@@ -1,4 +1,5 @@
-"""Pure-torch versions of every op: the fallback when no kernel applies, and the test oracle.
+"""Float64 versions of every op: the tests' oracle, and the route for inputs that
+neither a kernel nor fallback.py takes (integer dtypes, tensors on several devices).
 
 Written for clarity, not speed: each sum is computed in float64 from the inputs
 widened to float64, so it is as exact as the kernels can hope to be.
@@ -64,3 +65,39 @@ def channel_stats(x: torch.Tensor, labels: torch.Tensor | None, num_classes: int
     centred = d - mean[y].unsqueeze(1)
     m2 = torch.zeros_like(sums).index_add_(0, y, (centred * centred).sum(1))
     return count, mean, m2
+
+
+def packed_distance(anchors: torch.Tensor, targets: torch.Tensor, layout) -> torch.Tensor:
+    """packed_distance in float64 (anchors (A, L), targets (K, L) of a PackedLayout):
+    segment sums, one pass per (anchor, target).
+
+    Each set is widened to float64 only while it is used, so memory stays a few
+    float64 copies of one set whatever A and K are.
+    """
+    A, K, T = anchors.shape[0], targets.shape[0], len(layout)
+    device = anchors.device
+    out = torch.zeros(A, K, T, 5, dtype=torch.float64, device=device)
+    if T == 0 or layout.length == 0:
+        return out
+    lengths = layout._cached("segments", device,
+                             lambda: torch.tensor(layout._segments, dtype=torch.long))
+
+    def sums(x: torch.Tensor) -> torch.Tensor:  # (length,) float64 -> (T,), padding dropped
+        return torch.segment_reduce(x, "sum", lengths=lengths)[0::2]
+
+    def widened(x: torch.Tensor) -> torch.Tensor:
+        return x.detach().to(device, torch.float64)
+
+    for k in range(K):
+        b = widened(targets[k])
+        out[:, k, :, 4] = sums(b * b)
+    for i in range(A):
+        a = widened(anchors[i])
+        out[i, :, :, 3] = sums(a * a)
+        for k in range(K):
+            b = widened(targets[k])
+            d = a - b
+            out[i, k, :, 0] = sums(d.abs())
+            out[i, k, :, 1] = sums(d * d)
+            out[i, k, :, 2] = sums(a * b)
+    return out

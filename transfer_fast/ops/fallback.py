@@ -1,0 +1,243 @@
+"""Fast pure-torch versions of the ops: what runs when no compiled kernel does.
+
+`reference.py` widens every input to float64: exact, but many times slower than a
+plain float32 loop. These follow the kernels' own recipe with a few large torch ops
+instead, and make no float64 copy of the data:
+
+- distances: the tensors are staged, about a million elements per set at a time, into
+  one reused buffer where each tensor starts on a block of BLOCK (1024) elements. Per
+  chunk, one `bmm` gives every set's sum of squares and every (anchor, target) dot
+  product per block (the blocks' Gram matrices); the differences a - b of every pair,
+  written once into a reused buffer, give the sums of (a - b)^2 (a 2-norm) and, taken
+  in place, |a - b| per block. Each block is reduced in the inputs' dtype (float32 for
+  float32 and 16-bit inputs) by torch's own vectorised reductions, and the blocks of
+  a tensor are added in float64: errors stay near one float32 rounding per block,
+  like the CPU kernel's (csrc/cpu/distance_reduce.h). (`cdist` would save the
+  buffer, but it adds each block's 1024 terms one after another: 5-10x the error.)
+- channel_stats: shifted sums (x - shift) in float64, a bounded chunk of samples at a
+  time, in one pass, finished like the kernels (channel_stats_finish.h).
+
+Results depend only on the shapes and on torch's own reductions: identical from run
+to run for a given thread count.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import TransferFastError
+
+BLOCK = 1024  # elements reduced in the inputs' dtype before float64 takes over
+CHUNK_BYTES = 12 << 20  # staging and difference buffers of one chunk, all sets together
+
+
+@dataclass
+class _Chunk:
+    """Consecutive blocks staged together, with every view its ops read and write."""
+
+    pieces: list[tuple[int, int, int]]  # (tensor, first element, end element)
+    dst: list[torch.Tensor]  # per set, per piece: where the piece goes (shaped like it)
+    pads: list[torch.Tensor]  # the unused end of each tensor's last block: zeroed
+    sets: torch.Tensor  # (blocks, A + K, BLOCK) view of the staged sets
+    anchors: torch.Tensor  # (A, 1, blocks, BLOCK)
+    targets: torch.Tensor  # (1, K, blocks, BLOCK)
+    diff: torch.Tensor  # (A, K, blocks, BLOCK): anchor - target
+    gram: torch.Tensor  # (blocks, A + K, A + K) slice of the plan's results
+    l1: torch.Tensor  # (A, K, blocks) slices of the plan's results
+    l2: torch.Tensor
+
+
+@dataclass
+class _Staging:
+    """The staging plan of one list of shapes for A anchor and K target sets: built
+    once, reused (under `lock`: its buffers are shared by the calls)."""
+
+    numels: tuple[int, ...]
+    shapes: tuple[torch.Size, ...]
+    chunks: list[_Chunk]
+    lengths: torch.Tensor  # int64 (T,): blocks per tensor, on the buffer's device
+    gram: torch.Tensor  # (blocks, A + K, A + K) per block: every set's dot with every set
+    l1: torch.Tensor  # (A, K, blocks): per block sum |a - b|
+    l2: torch.Tensor  # (A, K, blocks): per block sqrt(sum (a - b)^2)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _spans(numels: Sequence[int], chunk_blocks: int) -> list[list[tuple[int, int, int, int]]]:
+    """Per chunk, the pieces (tensor, begin, end, offset in the chunk) it stages: the
+    tensors in order, each starting on a block, cut where a chunk is full."""
+    spans: list[list[tuple[int, int, int, int]]] = [[]]
+    used = 0
+    for t, n in enumerate(numels):
+        begin = 0
+        while begin < n:
+            if used == chunk_blocks:
+                spans.append([])
+                used = 0
+            take = min(n - begin, (chunk_blocks - used) * BLOCK)
+            spans[-1].append((t, begin, begin + take, used * BLOCK))
+            used += -(-take // BLOCK)
+            begin += take
+    return [span for span in spans if span]
+
+
+@functools.lru_cache(maxsize=4)
+def _staging(shapes: tuple[torch.Size, ...], num_anchors: int, num_targets: int,
+             dtype: torch.dtype, device: torch.device) -> _Staging:
+    A, K = num_anchors, num_targets
+    numels = tuple(s.numel() for s in shapes)
+    rows = A + K + A * K  # staged sets and differences
+    per_row = CHUNK_BYTES // (rows * torch.empty((), dtype=dtype).element_size())
+    spans = _spans(numels, max(4, per_row // BLOCK))
+    blocks = [-(-(span[-1][3] + span[-1][2] - span[-1][1]) // BLOCK) for span in spans]
+    longest = max(blocks, default=0) * BLOCK
+    buffer = torch.zeros(A + K, longest, dtype=dtype, device=device)
+    diff = torch.empty(A, K, longest, dtype=dtype, device=device)
+    total = sum(blocks)
+    gram = torch.empty(total, A + K, A + K, dtype=dtype, device=device)
+    l1 = torch.empty(A, K, total, dtype=dtype, device=device)
+    l2 = torch.empty(A, K, total, dtype=dtype, device=device)
+    chunks, first = [], 0
+    for span, n in zip(spans, blocks):
+        dst, pads = [], []
+        for row in buffer:
+            for t, b, e, o in span:
+                whole = b == 0 and e == numels[t]
+                dst.append(row[o:o + e - b].view(shapes[t]) if whole else row[o:o + e - b])
+                end = o + -(-(e - b) // BLOCK) * BLOCK
+                if end > o + e - b:
+                    pads.append(row[o + e - b:end])
+        z = buffer[:, :n * BLOCK].view(A + K, n, BLOCK)
+        last = first + n
+        chunks.append(_Chunk([(t, b, e) for t, b, e, _ in span], dst, pads, z.transpose(0, 1),
+                             z[:A, None], z[None, A:],
+                             diff[..., :n * BLOCK].view(A, K, n, BLOCK), gram[first:last],
+                             l1[..., first:last], l2[..., first:last]))
+        first = last
+    lengths = torch.tensor([-(-n // BLOCK) for n in numels], dtype=torch.long, device=device)
+    return _Staging(numels, shapes, chunks, lengths, gram, l1, l2)
+
+
+def _sources(sets: Sequence[Sequence[torch.Tensor]], plan: _Staging, what: str
+             ) -> list[list[torch.Tensor]]:
+    """Each set's tensors in the plan's shapes (a reshaped view where only the shape
+    differs), checked element counts; refused with the tensor's index otherwise."""
+    out = []
+    for i, tensors in enumerate(sets):
+        row = []
+        for t, (x, shape) in enumerate(zip(tensors, plan.shapes)):
+            if x.shape != shape:
+                if x.numel() != plan.numels[t]:
+                    raise TransferFastError(f"tensor {t}: anchor set 0 has shape "
+                                            f"{tuple(shape)}, {what} set {i} has "
+                                            f"{tuple(x.shape)}")
+                x = x.reshape(shape)
+            row.append(x)
+        out.append(row)
+    return out
+
+
+@torch.no_grad()
+def multi_tensor_distance(anchors: Sequence[Sequence[torch.Tensor]],
+                          targets: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """Per (anchor set, target set, tensor): sum|a-b|, sum (a-b)^2, sum a*b, sum a^2,
+    sum b^2 as float64 (A, K, T, 5), like the kernels; see the module docstring.
+
+    Every tensor must be a floating dtype on the device of anchors[0][0] (the
+    dispatcher sends anything else to reference.py). float64 inputs are reduced in
+    float64, the rest in float32.
+    """
+    A, K, T = len(anchors), len(targets), len(anchors[0])
+    if T == 0:
+        return torch.zeros(A, K, 0, 5, dtype=torch.float64)
+    device = anchors[0][0].device
+    sets = list(anchors) + list(targets)
+    wide = any(x.dtype == torch.float64 for s in sets for x in s)
+    dtype = torch.float64 if wide else torch.float32
+    plan = _staging(tuple(x.shape for x in anchors[0]), A, K, dtype, device)
+    tensors = _sources(anchors, plan, "anchor") + _sources(targets, plan, "target")
+    flat: dict[tuple[int, int], torch.Tensor] = {}
+
+    def piece(s: int, t: int, begin: int, end: int) -> torch.Tensor:
+        x = tensors[s][t]
+        if begin == 0 and end == plan.numels[t]:
+            return x
+        if (s, t) not in flat:
+            flat[s, t] = x.reshape(-1)
+        return flat[s, t][begin:end]
+
+    if not plan.chunks:  # every tensor is empty
+        return torch.zeros(A, K, T, 5, dtype=torch.float64, device=device)
+    with plan.lock:
+        for c in plan.chunks:
+            if c.pads:
+                torch._foreach_zero_(c.pads)
+            torch._foreach_copy_(c.dst, [piece(s, t, b, e) for s in range(A + K)
+                                         for t, b, e in c.pieces])
+            torch.bmm(c.sets, c.sets.transpose(1, 2), out=c.gram)
+            torch.sub(c.anchors, c.targets, out=c.diff)
+            torch.linalg.vector_norm(c.diff, dim=3, out=c.l2)
+            torch.sum(c.diff.abs_(), 3, out=c.l1)
+        # Per tensor, its blocks' results added in float64: (T, ...).
+        gram = torch.segment_reduce(plan.gram.double(), "sum", lengths=plan.lengths)
+        l1 = torch.segment_reduce(plan.l1.permute(2, 0, 1).double(), "sum",
+                                  lengths=plan.lengths)
+        l2 = torch.segment_reduce(plan.l2.permute(2, 0, 1).double().square_(), "sum",
+                                  lengths=plan.lengths)
+    out = torch.empty(A, K, T, 5, dtype=torch.float64, device=device)
+    out[..., 0] = l1.permute(1, 2, 0)
+    out[..., 1] = l2.permute(1, 2, 0)
+    out[..., 2] = gram[:, :A, A:].permute(1, 2, 0)
+    squares = gram.diagonal(dim1=1, dim2=2)  # (T, A + K)
+    out[..., 3] = squares[:, :A].T.unsqueeze(1)
+    out[..., 4] = squares[:, A:].T.unsqueeze(0)
+    return out
+
+
+def packed_distance(anchors: torch.Tensor, targets: torch.Tensor, layout) -> torch.Tensor:
+    """packed_distance (anchors (A, L), targets (K, L) of a PackedLayout): the list
+    version on the layout's views of each row."""
+    return multi_tensor_distance([layout.unpack(row) for row in anchors],
+                                 [layout.unpack(row) for row in targets])
+
+
+def channel_stats(x: torch.Tensor, labels: torch.Tensor | None, num_classes: int,
+                  channels_last: bool, shift: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per (class, channel) count, mean and centred sum of squares, like the kernels.
+
+    x: (N, C, S), or (N, S, C) when channels_last; labels: int64 (N,) in
+    [0, num_classes) or None (one class); shift: float64 (C,) (default: each channel's
+    first element). Sums of x - shift and its square in float64, samples in chunks of
+    about a million elements. Returns float64 (K,), (K, C), (K, C); empty classes
+    get zeros.
+    """
+    x = x.detach()
+    n, c = x.shape[0], x.shape[2] if channels_last else x.shape[1]
+    inner = x.shape[1] if channels_last else x.shape[2]
+    f64 = dict(dtype=torch.float64, device=x.device)
+    if shift is None:
+        first = x[0, 0, :] if channels_last else x[0, :, 0]
+        shift = first.to(**f64) if x.numel() else torch.zeros(c, **f64)
+    shift = shift.to(**f64).view((1, 1, c) if channels_last else (1, c, 1))
+    y = labels if labels is not None else torch.zeros(n, dtype=torch.long, device=x.device)
+    s1 = torch.zeros(num_classes, c, **f64)
+    s2 = torch.zeros(num_classes, c, **f64)
+    step = max(1, (1 << 20) // max(1, c * inner))
+    axis = 1 if channels_last else 2
+    for start in range(0, n if c * inner else 0, step):
+        d = x[start:start + step].to(torch.float64) - shift
+        s1.index_add_(0, y[start:start + step], d.sum(axis))
+        s2.index_add_(0, y[start:start + step], d.square_().sum(axis))
+    count = torch.bincount(y, minlength=num_classes).to(torch.float64) * inner
+    safe = count.clamp_min(1).unsqueeze(1)
+    delta = s1 / safe
+    m2 = (s2 - s1 * delta).clamp_min_(0.0)
+    mean = shift.reshape(1, c) + delta
+    empty = (count == 0).unsqueeze(1)
+    return count, mean.masked_fill_(empty, 0.0), m2.masked_fill_(empty, 0.0)
+
