@@ -176,9 +176,10 @@ def validate_rows(rows: list[ScanRow]) -> None:
     missing = sorted(p for p in named if not Path(p).exists())
     if missing:
         problems.append(f"{len(missing)} file(s) do not exist: {first_few(missing)}")
-    odd = sorted(p for p in named if Path(p).exists() and not Path(p).is_file())
+    odd = sorted(p for p in named  # a folder is a Hugging Face checkpoint
+                 if Path(p).exists() and not (Path(p).is_file() or Path(p).is_dir()))
     if odd:
-        problems.append(f"not regular files: {first_few(odd)}")
+        problems.append(f"not regular files or folders: {first_few(odd)}")
     if problems:
         raise TransferFastError("bad scan input: " + "; ".join(problems))
 
