@@ -125,6 +125,24 @@ class ScanRecord:
             raise ValueError(bad[0])
 
 
+def record_options(opts: dict) -> dict:
+    """The options a record's numbers depend on (not the backend: all agree); the
+    planning options only when set, so folders made before they existed stay valid."""
+    out = {"metric": opts["metric"], "preset": opts["preset"]}
+    for name in ("groups", "classifier", "key", "strict"):
+        if opts.get(name):
+            out[name] = opts[name]
+    return out
+
+
+def failed_record(row: ScanRow, error: str, opts: dict, anchors: list | None = None
+                  ) -> ScanRecord:
+    """A checkpoint that could not be measured; retried by the next run."""
+    return ScanRecord(row.resolved, [row.resolved, -1, -1], anchors or [], "failed",
+                      error=error.splitlines()[0] if error else "failed",
+                      options=record_options(opts))
+
+
 def read_manifest(manifest: str | Path, random=None, pretrained=None):
     """Rows of a manifest CSV (`path`, optional `random`/`pretrained`, user columns);
     relative paths are taken from the manifest's folder. Returns (rows, user columns)."""
