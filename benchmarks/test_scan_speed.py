@@ -51,7 +51,8 @@ from safetensors.torch import load_file, save_file
 
 import transfer_fast
 from transfer_fast import transferability
-from transfer_fast.pipelines.scan import MAX_BATCH, SEGMENT_ELEMS, default_memory_budget
+from transfer_fast.pipelines.scan import default_memory_budget
+from transfer_fast.pipelines.scan_pair import batch_size as scan_batch_size
 from transfer_fast.testing import random_state, resnet_shapes, triple
 
 NUM_FINETUNED = 32
@@ -147,10 +148,10 @@ def workload(folder: Path, fmt: str, count: int = NUM_FINETUNED) -> ScanWorkload
     return ScanWorkload(folder, fmt, r, a, bs, runs)
 
 
-def batch_size(device: torch.device | None = None) -> int:
-    """K as `scan` chooses it by default (scan.py: min(MAX_BATCH, budget // 2 MB))."""
-    device = device or scan_device()
-    return max(1, min(MAX_BATCH, default_memory_budget(device) // (SEGMENT_ELEMS * 4)))
+def batch_size(target_bytes: int, device: torch.device | None = None) -> int:
+    """K as `scan` chooses it by default for targets of `target_bytes` (scan_pair.py:
+    two (K, L) buffers within the default memory budget)."""
+    return scan_batch_size(target_bytes, default_memory_budget(device or scan_device()))
 
 
 def scan_device() -> torch.device:

@@ -323,3 +323,18 @@ def test_a_fifo_is_refused_not_waited_on(ckpts, tmp_path):
         StreamedCheckpoint(fifo)
     with pytest.raises(TransferFastError, match="not regular files.*pipe.safetensors"):
         scan([fifo], random=r, pretrained=a, out=tmp_path / "run", progress=False)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_read_many_of_a_file_truncated_under_it_raises_naming_it(tmp_path, suffix):
+    path = tmp_path / f"b{suffix}"
+    torch.save(state(2), path) if suffix == ".pt" else save_file(state(2), str(path))
+    with StreamedCheckpoint(path) as ck:
+        names = list(ck.shapes)[::-1]  # out of file order: sorted into runs by the reader
+        bufs = [torch.empty(ck.meta(n).numel() * 4, dtype=torch.uint8) for n in names]
+        ck.read_many([(n, 0, ck.meta(n).numel(), b) for n, b in zip(names, bufs)])
+        for n, b in zip(names, bufs):
+            assert torch.equal(b.view(torch.float32).view(ck.meta(n).shape), state(2)[n])
+        os.truncate(path, path.stat().st_size // 3)
+        with pytest.raises(TransferFastError, match=f"b{suffix}: file shorter"):
+            ck.read_many([(n, 0, ck.meta(n).numel(), b) for n, b in zip(names, bufs)])

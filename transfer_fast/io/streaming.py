@@ -24,10 +24,11 @@ from __future__ import annotations
 import os
 import sys
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import TransferFastError, first_few
@@ -36,6 +37,10 @@ from .checkpoints import load_state, strip_module_prefix
 from .files import file_key
 from .names import natural_key, strip_wrappers
 from .safetensors import open_regular, parse_header, pread_into
+
+IOV_MAX = 1024  # buffers per preadv call (Linux's limit)
+MAX_GAP = 256 << 10  # bytes between two wanted ranges still read in one call (into scratch)
+_RUN_BYTES = 1 << 30  # bytes per preadv call: Linux moves at most ~2 GB per call
 
 
 @dataclass(frozen=True)
@@ -206,6 +211,44 @@ class StreamedCheckpoint:
         pread_into(self._fd, view, span.offset + start * dtype.itemsize, self.path)
         return view.view(dtype)
 
+    def read_many(self, reads: Sequence[tuple[str, int, int, torch.Tensor]]) -> None:
+        """`read(name, start, end, out)` for every request, with as few system calls as
+        the file allows: ranges close together in the file (at most MAX_GAP bytes apart)
+        are read by one `preadv` into their buffers, the gaps into a scratch buffer.
+
+        Raises TransferFastError naming the file when it shrank since it was opened."""
+        ranges = []  # (offset in the file, bytes, out)
+        for name, start, end, out in reads:
+            span = self._spans.get(name)
+            if span is None or name in self._pending:
+                self.read(name, start, end, out)
+                continue
+            if not 0 <= start <= end <= span.numel:
+                raise ValueError(f"elements [{start}, {end}) outside tensor {name!r}")
+            size = span.dtype.itemsize
+            if end > start:
+                ranges.append((span.offset + start * size, (end - start) * size, out))
+        ranges.sort(key=lambda r: r[0])
+        scratch = None
+        i = 0
+        while i < len(ranges):
+            first, at, buffers, j = ranges[i][0], ranges[i][0], [], i
+            while j < len(ranges) and len(buffers) < IOV_MAX - 1:
+                offset, nbytes, out = ranges[j]
+                gap = offset - at
+                if not 0 <= gap <= MAX_GAP or at + nbytes - first > _RUN_BYTES and buffers:
+                    break
+                if gap:
+                    if scratch is None:
+                        scratch = np.empty(MAX_GAP, dtype=np.uint8)
+                    buffers.append(scratch[:gap])
+                buffers.append(out[:nbytes].numpy())
+                at, j = offset + nbytes, j + 1
+            if os.preadv(self._fd, buffers, first) != at - first:
+                for offset, nbytes, out in ranges[i:j]:  # short: the file shrank
+                    pread_into(self._fd, out[:nbytes], offset, self.path)
+            i = j
+
     def _read_strided(self, name: str) -> torch.Tensor:
         base, t = self._pending.pop(name)
         raw = torch.empty(t.untyped_storage().nbytes(), dtype=torch.uint8)
@@ -302,6 +345,14 @@ class ShardedCheckpoint:
     def read(self, name: str, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
         ck, stored = self._where[name]
         return ck.read(stored, start, end, out)
+
+    def read_many(self, reads: Sequence[tuple[str, int, int, torch.Tensor]]) -> None:
+        by_shard: dict[int, tuple[StreamedCheckpoint, list]] = {}
+        for name, start, end, out in reads:
+            ck, stored = self._where[name]
+            by_shard.setdefault(id(ck), (ck, []))[1].append((stored, start, end, out))
+        for ck, part in by_shard.values():
+            ck.read_many(part)
 
     def load(self, name: str) -> torch.Tensor:
         ck, stored = self._where[name]

@@ -77,17 +77,20 @@ def _promote(dtypes) -> torch.dtype:
 
 
 def read_row(ck, reads: Sequence[Read], row: torch.Tensor) -> None:
-    """Fills the flat typed `row` from checkpoint `ck`: pieces of the same dtype are read
-    straight into it, others through a scratch buffer and converted."""
+    """Fills the flat typed `row` from checkpoint `ck`: pieces of the row's dtype are read
+    straight into it (ranges close in the file by one system call), others through a
+    scratch buffer and converted."""
     raw = row.view(torch.uint8)
     size = row.element_size()
+    direct = []
     for name, start, end, offset, same in reads:
         if same:
-            ck.read(name, start, end, raw[offset * size:(offset + end - start) * size])
+            direct.append((name, start, end, raw[offset * size:(offset + end - start) * size]))
         else:
             scratch = torch.empty((end - start) * ck.meta(name).element_size(),
                                   dtype=torch.uint8)
             row[offset:offset + end - start].copy_(ck.read(name, start, end, scratch))
+    ck.read_many(direct)
 
 
 def make_arch(anchors: Sequence, target, labels: list[str], opts: dict, *,
