@@ -39,7 +39,7 @@ from .scan_packed import Buffers
 from .scan_pair import PairScan
 
 SEGMENT_ELEMS = 1 << 26  # a tensor larger than this is read and reduced in pieces of it
-DEFAULT_BUDGET_CAP = 2 << 30  # default bytes of targets in flight, at most
+DEFAULT_BUDGET_CAP = 1 << 30  # default bytes of targets in flight, at most
 READ_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
@@ -158,7 +158,7 @@ def _scan_rows(rows: list[ScanRow], folder: RunFolder, opts: dict, budget: int, 
                 k = pair.batch
                 batches = [pair_rows[i:i + k] for i in range(0, len(pair_rows), k)]
                 for records in pair.run(_opened(pool, batches, opts.get("key")), buffers,
-                                        readers):
+                                        readers, READ_THREADS):
                     for record in records:
                         folder.append(record)
                         failed += record.status != "ok"
@@ -190,7 +190,7 @@ def scan(finetuned=None, *, random=None, pretrained=None, manifest=None, out,
     θr and θA, same options) are skipped. A checkpoint that cannot be measured, or
     that changes while it is read, becomes a `failed` row; the scan goes on.
     `max_memory` bounds the bytes of targets in flight (default: a quarter of the
-    available RAM, at most 2 GiB, and at most half the free GPU memory): it sets K, the
+    available RAM, at most 1 GiB, and at most half the free GPU memory): it sets K, the
     targets per batch, and splits a model too large for it into parts.
     The folder is locked while the scan runs: a second scan of it fails at once.
     """

@@ -41,6 +41,24 @@ class Part:
     index: torch.Tensor  # int64 (P,): the plan tensor of each piece
     reads: list[Read]  # how a target fills its row of this part
     anchors: torch.Tensor | None = None  # (2, L) θr and θA, in the kernel's dtype, on the device
+    _splits: dict = field(default_factory=dict, repr=False)
+
+    def split(self, n: int) -> list[list[Read]]:
+        """`reads` cut into at most n runs of about equal elements, for n reader threads
+        to fill one row together (when a batch has fewer targets than readers)."""
+        if n <= 1:
+            return [self.reads]
+        if n not in self._splits:
+            total = sum(e - s for _, s, e, _, _ in self.reads)
+            runs, current, filled = [], [], 0
+            for read in self.reads:
+                current.append(read)
+                filled += read[2] - read[1]
+                if filled * n >= total * (len(runs) + 1) and len(runs) < n - 1:
+                    runs.append(current)
+                    current = []
+            self._splits[n] = runs + ([current] if current else [])
+        return self._splits[n]
 
 
 @dataclass

@@ -123,10 +123,12 @@ class PairScan:
             for i, (group, p) in enumerate(units):
                 yield batch, group, p, i == len(units) - 1
 
-    def run(self, batches, buffers: Buffers, readers: ThreadPoolExecutor):
+    def run(self, batches, buffers: Buffers, readers: ThreadPoolExecutor, threads: int):
         """Records of each batch of `batches` (lists of opened rows), batch by batch. The
-        readers fill the next part's buffer (of this batch or the next) while this one
-        is reduced."""
+        `threads` readers fill the next part's buffer (of this batch or the next) while
+        this one is reduced; when a batch has fewer targets than readers, several share
+        a target."""
+        self.threads = threads
         units = self._units(batches)
         current, slot = next(units, None), 0
         pending = self._submit(current, slot, buffers, readers)
@@ -136,7 +138,7 @@ class PairScan:
             if group is not None:
                 batch.start = batch.start or time.perf_counter()
                 host, futures = pending
-                for k, future in enumerate(futures):
+                for k, future in futures:
                     why = future.result()
                     if why:
                         group.broken.setdefault(k, why)
@@ -157,8 +159,9 @@ class PairScan:
         _, group, p, _ = unit
         part = group.arch.parts[p]
         host = buffers.host(slot, (len(group.members), part.layout.length), group.arch.dtype)
-        futures = [readers.submit(_fill, ck, part.reads, host[k], k in group.broken)
-                   for k, (_, ck) in enumerate(group.members)]
+        runs = part.split(-(-self.threads // len(group.members)))
+        futures = [(k, readers.submit(_fill, ck, reads, host[k], k in group.broken))
+                   for k, (_, ck) in enumerate(group.members) for reads in runs]
         return host, futures
 
     def _finish(self, batch: _Batch) -> list[ScanRecord]:
