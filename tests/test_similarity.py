@@ -166,6 +166,10 @@ def test_files_and_hf_folders_give_the_in_memory_numbers_bit_for_bit(sets, tmp_p
     in_memory = similarity(finetuned[:3], a)
     assert torch.equal(on_disk.cosine, in_memory.cosine)
     assert torch.equal(on_disk.l2, in_memory.l2)
+    # A task model nesting the network under 'model.' beside plain ones: lined up.
+    testing.save_hf_folder({f"model.{n}": t for n, t in finetuned[2].items()}, tmp_path / "m")
+    nested = similarity([*paths[:2], tmp_path / "m"], tmp_path / "a", labels=["0", "1", "2"])
+    assert torch.equal(nested.cosine, in_memory.cosine)
 
 
 def test_half_precision_updates_are_taken_in_float32(sets):

@@ -15,6 +15,7 @@ from .. import ops
 from ..errors import TransferFastError, first_few
 from ..io.checkpoints import StateSource, load_state, open_checkpoint
 from ..io.files import write_csv
+from ..io.names import align_prefixes, strip_prefix
 from .plan import check_sets_agree, make_plan
 
 NETWORK = "network"  # the last group: every compared tensor at once
@@ -88,7 +89,8 @@ def similarity(checkpoints: Sequence[StateSource], reference: StateSource, *,
     checkpoints: K >= 2 fine-tuned sets θB_i; reference: the pre-trained set θA (paths,
     folders, modules or mappings, as `load_state`). The tensors and groups come from
     `make_plan` (a classifier whose shape differs is left out, listed in `excluded`);
-    "network" sums over every compared tensor. The plan's tensors get one flat layout:
+    "network" sums over every compared tensor; prefixes that differ between the sets
+    ('bert.' in a task model) are lined up. The plan's tensors get one flat layout:
     each update (float32 at least) is packed into one row of a (K, L) buffer on the
     device of the first checkpoint, checkpoints given as paths read one at a time, and
     all K*K pairs come from one `packed_distance` call. Memory: K packed updates and
@@ -110,6 +112,9 @@ def similarity(checkpoints: Sequence[StateSource], reference: StateSource, *,
     listed = [_listing(c) for c in checkpoints]
     ref_label = f"reference ({reference})" if isinstance(reference, (str, Path)) else "reference"
     set_labels = [ref_label, *(f"checkpoint {x}" for x in labels)]
+    prefixes = align_prefixes([ref, *listed], set_labels)  # 'bert.' in some, none in others
+    ref, listed = strip_prefix(ref, prefixes[0]), [
+        strip_prefix(s, p) for s, p in zip(listed, prefixes[1:])]
     plan = make_plan([ref, *listed], preset, labels=set_labels)
     first = listed[0][plan.names[0]]
     device = torch.device("cpu") if first.is_meta else first.device
@@ -122,7 +127,8 @@ def similarity(checkpoints: Sequence[StateSource], reference: StateSource, *,
                        out=layout.new_buffer(1, dtype=dtype, device=device)[0])
     updates = layout.new_buffer(len(checkpoints), dtype=dtype, device=device)
     for k, (src, listing) in enumerate(zip(checkpoints, listed)):
-        state = load_state(src) if isinstance(src, (str, Path)) else listing
+        state = (strip_prefix(load_state(src), prefixes[k + 1]) if isinstance(src, (str, Path))
+                 else listing)
         check_sets_agree([ref, state], plan.names, [ref_label, set_labels[k + 1]])
         layout.pack([state[n].to(device) for n in plan.names], out=updates[k]).sub_(base)
         del state  # one checkpoint in memory at a time
