@@ -173,3 +173,17 @@ def test_planning_options_are_recorded_and_key_picks_the_wrapped_set(sets, tmp_p
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["key"] == "state_dict_ema" and config["groups"] == options["groups"]
     assert scan(paths[:1], out=tmp_path / "run", **kw).skipped == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_scan_of_folders_matches_the_cpu_scan(sets, tmp_path):
+    random, pretrained, paths, _ = sets
+    cpu = scan(paths, random=random, pretrained=pretrained, out=tmp_path / "cpu",
+               backend="cpu", progress=False, plots=False)
+    # A budget below one target (61 kB): K = 1 and each target in several parts (pinned
+    # buffers, one copy and one kernel call per part).
+    gpu = scan(paths, random=random, pretrained=pretrained, out=tmp_path / "gpu",
+               backend="cuda", max_memory=40_000, progress=False, plots=False)
+    for a, b in zip(cpu.records, gpu.records):
+        assert b.status == "ok", b.error
+        torch.testing.assert_close(torch.tensor(b.T), torch.tensor(a.T), rtol=1e-6, atol=0)
