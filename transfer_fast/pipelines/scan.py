@@ -189,9 +189,11 @@ def scan(finetuned=None, *, random=None, pretrained=None, manifest=None, out,
     Resumable: checkpoints already measured (same resolved path, size and mtime, same
     θr and θA, same options) are skipped. A checkpoint that cannot be measured, or
     that changes while it is read, becomes a `failed` row; the scan goes on.
-    `max_memory` bounds the bytes of targets in flight (default: a quarter of the
-    available RAM, at most 1 GiB, and at most half the free GPU memory): it sets K, the
-    targets per batch, and splits a model too large for it into parts.
+    `max_memory` bounds the bytes of targets in flight, two host buffers of K targets
+    (pinned on a GPU, whose one device buffer takes half as much again); default: a
+    quarter of the available RAM, at most 1 GiB, and at most half the free GPU memory.
+    It sets K, the targets per batch, and splits a model too large for it into parts;
+    neither changes a number. θr and θA are held packed besides (the plan's tensors).
     The folder is locked while the scan runs: a second scan of it fails at once.
     """
     check_metric(metric)
