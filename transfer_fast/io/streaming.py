@@ -21,9 +21,12 @@ for a path, `checkpoint_key` is the identity a scan records for it.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import threading
 import zipfile
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +55,41 @@ class _Span:
     numel: int
 
 
+@dataclass(frozen=True)
+class _Stored:
+    """Where a tensor of a torch zip file lies: its storage's record, and its view of it."""
+
+    record: str  # the zip record holding the storage
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int  # storage offset, in elements
+    nbytes: int  # the storage's size
+
+
+_LAYOUTS: OrderedDict[tuple, dict[str, _Stored]] = OrderedDict()  # pickle bytes -> layout
+_LAYOUTS_SIZE = 16
+_LAYOUTS_LOCK = threading.Lock()
+
+
+def _remember(key: tuple, layout: dict[str, _Stored]) -> None:
+    with _LAYOUTS_LOCK:
+        _LAYOUTS[key] = layout
+        if len(_LAYOUTS) > _LAYOUTS_SIZE:
+            _LAYOUTS.popitem(last=False)
+
+
+def _torch_layout(state: Mapping[str, torch.Tensor], records: Mapping[str, tuple[int, int]]
+                  ) -> dict[str, _Stored]:
+    """Each tensor's _Stored from the meta state of a torch file (its storages carry
+    `_checkpoint_offset`, the data offset of their record)."""
+    by_offset = {offset: name for name, (offset, _) in records.items()}
+    return {name: _Stored(by_offset.get(t.untyped_storage()._checkpoint_offset, ""), t.dtype,
+                          tuple(t.shape), tuple(t.stride()), t.storage_offset(),
+                          t.untyped_storage().nbytes())
+            for name, t in state.items()}
+
+
 class StreamedCheckpoint:
     """One checkpoint file: `shapes`, `meta` tensors for planning, `read` of ranges.
 
@@ -67,7 +105,7 @@ class StreamedCheckpoint:
         self._fd = self._file.fileno()
         self._spans: dict[str, _Span] = {}
         self._memory: dict[str, torch.Tensor] = {}  # tensors read whole
-        self._pending: dict[str, tuple[int, torch.Tensor]] = {}  # strided: (offset, meta)
+        self._pending: dict[str, tuple[int, _Stored]] = {}  # strided: (storage offset, where)
         try:
             st = os.fstat(self._fd)
             self.key = [str(self.path.resolve()), st.st_size, st.st_mtime_ns]
@@ -98,27 +136,37 @@ class StreamedCheckpoint:
     def _open_torch(self, size: int) -> dict[str, torch.Tensor]:
         if not zipfile.is_zipfile(self._file) or not self._little_endian():
             return self._open_in_memory()
-        self._file.seek(0)
-        state = self._meta_state()
-        if state is None:  # a torch that gives no storage offsets: read it whole
-            return self._open_in_memory()
-        stored = self._stored_records()
-        for name, t in state.items():
-            storage = t.untyped_storage()
-            base = storage._checkpoint_offset
-            item = t.element_size()
-            span = (t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
-                    + 1) * item if t.numel() else 0
-            if (t.numel() and (min(t.stride(), default=1) < 0 or span > storage.nbytes()
-                               or base + storage.nbytes() > size)) or base not in stored:
+        records = self._stored_records()
+        pickle = records.get("data.pkl")
+        # The pickle alone fixes every tensor's record, dtype, shape and strides: files
+        # saved alike (every checkpoint of a scan) are unpickled once.
+        cache_key = (os.pread(self._fd, pickle[1], pickle[0]), self._entry) if pickle else None
+        layout = _LAYOUTS.get(cache_key) if cache_key else None
+        if layout is None:
+            self._file.seek(0)
+            state = self._meta_state()
+            if state is None:  # a torch that gives no storage offsets: read it whole
+                return self._open_in_memory()
+            layout = _torch_layout(state, records)
+            if cache_key:
+                _remember(cache_key, layout)
+        for name, t in layout.items():
+            base, stored = records.get(t.record, (0, -1))
+            item = t.dtype.itemsize
+            span = (t.offset + sum((n - 1) * st for n, st in zip(t.shape, t.stride)) + 1) * item \
+                if math.prod(t.shape) else 0
+            if t.record not in records or (span and (min(t.stride, default=1) < 0
+                                                     or span > t.nbytes or t.nbytes > stored
+                                                     or base + t.nbytes > size)):
                 raise TransferFastError(f"{self.path}: tensor {name!r} lies outside the data "
                                         "stored in the file (truncated or corrupt)")
-            if t.is_contiguous():
-                self._spans[name] = _Span(base + t.storage_offset() * item, t.dtype, t.numel())
+            meta = torch.empty_strided(t.shape, t.stride, dtype=t.dtype, device="meta")
+            if meta.is_contiguous():
+                self._spans[name] = _Span(base + t.offset * item, t.dtype, meta.numel())
             else:
                 self._pending[name] = (base, t)
-        return {n: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-                for n, t in state.items()}
+        return {n: torch.empty_strided(t.shape, t.stride, dtype=t.dtype, device="meta")
+                for n, t in layout.items()}
 
     def _little_endian(self) -> bool:
         """Whether the zip's storages are in this machine's byte order (pread cannot swap)."""
@@ -131,27 +179,30 @@ class StreamedCheckpoint:
             return True
         return order == sys.byteorder
 
-    def _stored_records(self) -> set[int]:
-        """Data offsets of the zip's uncompressed records; a compressed record read as raw
-        bytes would be measured wrong, so it is refused."""
+    def _stored_records(self) -> dict[str, tuple[int, int]]:
+        """{record name: (data offset, bytes)} of the zip's uncompressed records, named
+        without the archive's root folder (torch.save names it after the file); a
+        compressed tensor record read as raw bytes would be measured wrong, so it is
+        refused."""
         self._file.seek(0)
-        offsets = set()
+        records = {}
         try:
             with zipfile.ZipFile(self._file) as z:
                 for info in z.infolist():
-                    if "/data/" not in f"/{info.filename}":
-                        continue
                     if info.compress_type != zipfile.ZIP_STORED:
-                        raise TransferFastError(f"{self.path}: record {info.filename} is "
-                                                "compressed; torch.save never does that")
+                        if "/data/" in f"/{info.filename}":
+                            raise TransferFastError(f"{self.path}: record {info.filename} is "
+                                                    "compressed; torch.save never does that")
+                        continue
                     self._file.seek(info.header_offset + 26)
                     lengths = self._file.read(4)
-                    offsets.add(info.header_offset + 30 + int.from_bytes(lengths[:2], "little")
-                                + int.from_bytes(lengths[2:], "little"))
+                    records[info.filename.partition("/")[2]] = (
+                        info.header_offset + 30 + int.from_bytes(lengths[:2], "little")
+                        + int.from_bytes(lengths[2:], "little"), info.file_size)
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
             raise TransferFastError(f"{self.path}: unreadable or truncated checkpoint "
                                     f"({exc})") from exc
-        return offsets
+        return records
 
     def _meta_state(self) -> dict[str, torch.Tensor] | None:
         """{name: meta tensor} whose storages carry `_checkpoint_offset` (no data read), or
@@ -251,9 +302,9 @@ class StreamedCheckpoint:
 
     def _read_strided(self, name: str) -> torch.Tensor:
         base, t = self._pending.pop(name)
-        raw = torch.empty(t.untyped_storage().nbytes(), dtype=torch.uint8)
+        raw = torch.empty(t.nbytes, dtype=torch.uint8)
         pread_into(self._fd, raw, base, self.path)
-        return raw.view(t.dtype).as_strided(t.shape, t.stride(), t.storage_offset()).contiguous()
+        return raw.view(t.dtype).as_strided(t.shape, t.stride, t.offset).contiguous()
 
     def load(self, name: str) -> torch.Tensor:
         """The whole tensor, for the rare checks that need it (NaN/Inf naming)."""
