@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from transfer_fast import testing, transferability
+from transfer_fast import TransferFastError, testing, transferability
 from transfer_fast.pipelines import scan as scan_module
 from transfer_fast.pipelines.scan import scan
 
@@ -187,3 +187,27 @@ def test_cuda_scan_of_folders_matches_the_cpu_scan(sets, tmp_path):
     for a, b in zip(cpu.records, gpu.records):
         assert b.status == "ok", b.error
         torch.testing.assert_close(torch.tensor(b.T), torch.tensor(a.T), rtol=1e-6, atol=0)
+
+
+def test_an_index_naming_a_tensor_its_shard_lacks_fails_its_row(sets, tmp_path):
+    random, pretrained, paths, _ = sets
+    broken = shutil.copytree(paths[0], tmp_path / "broken")
+    index_path = broken / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    name = next(iter(index["weight_map"]))
+    shards = sorted(set(index["weight_map"].values()))
+    index["weight_map"][name] = next(s for s in shards if s != index["weight_map"][name])
+    index_path.write_text(json.dumps(index))
+    res = scan([broken, paths[2]], random=random, pretrained=pretrained, out=tmp_path / "run",
+               progress=False, plots=False)
+    assert [r.status for r in res.records] == ["failed", "ok"]
+    assert "not in their shard" in res.records[0].error and name in res.records[0].error
+
+
+def test_an_out_folder_inside_a_model_folder_never_overwrites_its_files(sets, tmp_path):
+    random, pretrained, paths, _ = sets
+    model = shutil.copytree(paths[2], tmp_path / "model")
+    (model / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(TransferFastError, match="config.json: refusing to overwrite"):
+        scan([model], random=random, pretrained=pretrained, out=model, progress=False)
+    assert (model / "config.json").read_text() == '{"model_type": "bert"}'
