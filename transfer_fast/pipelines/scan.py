@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..errors import TransferFastError
 from ..io.files import refuse_overwriting_inputs
-from ..io.streaming import checkpoint_key, open_streamed
+from ..io.sharded import checkpoint_key, open_streamed
 from ..measure.plan import Plan
 from ..measure.presets import load_groups
 from ..measure.transferability import check_metric

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import TransferFastError, first_few
-from ..io.streaming import open_streamed
+from ..io.sharded import open_streamed
 from ..measure.plan import Plan
 from ..measure.transferability import result_from_sums
 from .scan_journal import ScanRecord, ScanRow, failed_record, record_options
