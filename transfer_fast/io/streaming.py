@@ -8,6 +8,8 @@ descriptor opened at the start, at offsets checked against the file's size:
 - .safetensors: the offsets of the validated header (io/safetensors.py);
 - .pt/.pth/.bin (zip format): the pickle is read by `torch.load(weights_only=True)`
   onto the meta device, which yields each storage's offset in the file and no data;
+  the layout it gives is kept by the pickle's bytes, so files saved alike (the
+  checkpoints of one scan) are unpickled once and only their zip directory is read;
 - legacy (pre-zip) torch files, big-endian files and the odd tensor whose elements
   are not contiguous in its storage are read into memory whole;
 - Hugging Face folders and `*.index.json` files: io/sharded.py opens each shard as one
@@ -40,6 +42,7 @@ from .safetensors import open_regular, parse_header, pread_into
 IOV_MAX = 1024  # buffers per preadv call (Linux's limit)
 MAX_GAP = 256 << 10  # bytes between two wanted ranges still read in one call (into scratch)
 _RUN_BYTES = 1 << 30  # bytes per preadv call: Linux moves at most ~2 GB per call
+MAX_PICKLE_BYTES = 64 << 20  # a larger data.pkl is unpickled every time, not cached
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,8 @@ class StreamedCheckpoint:
         pickle = records.get("data.pkl")
         # The pickle alone fixes every tensor's record, dtype, shape and strides: files
         # saved alike (every checkpoint of a scan) are unpickled once.
-        cache_key = (os.pread(self._fd, pickle[1], pickle[0]), self._entry) if pickle else None
+        cache_key = (os.pread(self._fd, pickle[1], pickle[0]), self._entry) \
+            if pickle and pickle[1] <= MAX_PICKLE_BYTES else None
         layout = _LAYOUTS.get(cache_key) if cache_key else None
         if layout is None:
             self._file.seek(0)
