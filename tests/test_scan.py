@@ -248,3 +248,18 @@ def test_reader_threads_sharing_a_target_do_not_change_the_numbers(ckpts, tmp_pa
     shared = scan(paths[:3], random=r, pretrained=a, out=tmp_path / "four",
                   max_memory=int(2.5 * size), progress=False, plots=False)
     assert read(shared.results_csv) == read(whole.results_csv)
+
+
+def test_heads_of_other_class_counts_share_the_packed_anchors(ckpts, tmp_path):
+    r, a, paths = ckpts
+    shapes = testing.resnet_shapes(18)
+    other = []
+    for classes in (5, 7):
+        _, _, b = testing.triple(shapes, seed=classes, finetuned_classes=classes)
+        save_file(b, str(tmp_path / f"c{classes}.safetensors"))
+        other.append(tmp_path / f"c{classes}.safetensors")
+    res = scan([paths[1], *other], random=r, pretrained=a, out=tmp_path / "run",
+               progress=False, plots=False)
+    assert res.done == 3
+    for path, record in zip([paths[1], *other], res.records):
+        assert record.T == transferability(r, a, path).values

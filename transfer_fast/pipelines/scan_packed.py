@@ -112,9 +112,12 @@ def read_row(ck, reads: Sequence[Read], row: torch.Tensor) -> None:
 
 
 def make_arch(anchors: Sequence, target, labels: list[str], opts: dict, *,
-              part_bytes: int, segment: int, device: torch.device) -> Arch:
+              part_bytes: int, segment: int, device: torch.device,
+              packed: dict | None = None) -> Arch:
     """The Arch of `target`'s architecture: names lined up, the plan, the parts, and θr/θA
-    (the open checkpoints `anchors`) read into each part's anchor buffer."""
+    (the open checkpoints `anchors`) read into each part's anchor buffer. `packed` keeps
+    those buffers for the next architectures: targets that differ only in what the plan
+    leaves out (heads of other class counts) share them."""
     metas = [{n: ck.meta(n) for n in ck.shapes} for ck in (*anchors, target)]
     prefixes = align_prefixes(metas, labels)
     states = [strip_prefix(m, p) for m, p in zip(metas, prefixes)]
@@ -141,21 +144,28 @@ def make_arch(anchors: Sequence, target, labels: list[str], opts: dict, *,
         current.append(piece)
         filled += length
     groups += [current] if current else []
-    for group in groups:
+    key = (tuple(names[0]), tuple(names[1]), kernel, tuple(map(tuple, groups)))
+    shared = packed.get(key) if packed is not None else None
+    for p, group in enumerate(groups):
         layout = ops.PackedLayout.from_shapes([(e - s,) for _, s, e in group])
         reads = [(names[2][t], s, e, off, dtypes[2][t] == target_dtype)
                  for (t, s, e), off in zip(group, layout.offsets)]
         part = Part(layout, torch.tensor([t for t, _, _ in group], dtype=torch.long), reads)
-        buf = layout.new_buffer(2, dtype=kernel)
-        for i, ck in enumerate(anchors):
-            read_row(ck, [(names[i][t], s, e, off, dtypes[i][t] == kernel)
-                          for (t, s, e), off in zip(group, layout.offsets)], buf[i])
-        part.anchors = buf.to(device)
+        if shared is not None:
+            part.anchors = shared[p]
+        else:
+            buf = layout.new_buffer(2, dtype=kernel)
+            for i, ck in enumerate(anchors):
+                read_row(ck, [(names[i][t], s, e, off, dtypes[i][t] == kernel)
+                              for (t, s, e), off in zip(group, layout.offsets)], buf[i])
+            part.anchors = buf.to(device)
         arch.parts.append(part)
     for ck in anchors:
         why = ck.changed()
         if why:
             raise TransferFastError(why)
+    if packed is not None and shared is None:
+        packed[key] = [part.anchors for part in arch.parts]
     return arch
 
 

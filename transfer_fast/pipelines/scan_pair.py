@@ -69,6 +69,7 @@ class PairScan:
             raise TransferFastError(f"{path}: {type(exc).__name__}: {exc}") from exc
         self.anchor_keys = [ck.key for ck in self.anchors]
         self.archs: dict[tuple, Arch | str] = {}
+        self.packed: dict[tuple, list[torch.Tensor]] = {}  # θr/θA buffers the archs share
         self.first_plan: Plan | None = None
         pretrained_ck = self.anchors[1]
         self.target_bytes = sum(math.prod(s) * pretrained_ck.meta(n).element_size()
@@ -88,7 +89,7 @@ class PairScan:
                 self.archs[key] = make_arch(
                     self.anchors, ck, self.labels, self.opts,
                     part_bytes=self.budget // (2 * self.batch), segment=self.segment,
-                    device=self.opts["device"])
+                    device=self.opts["device"], packed=self.packed)
             except TransferFastError as exc:  # cached as text: no traceback holds buffers
                 self.archs[key] = str(exc)
         return self.archs[key]
