@@ -185,6 +185,15 @@ def test_half_precision_updates_are_taken_in_float32(sets):
     torch.testing.assert_close(got.cosine, want_cos, rtol=1e-5, atol=1e-6)
 
 
+def test_custom_groups_and_classifier(sets):
+    a, finetuned = sets
+    groups = [("stem", r"^(conv1|bn1)\."), ("body", r"^layer\d\."), ("head", r"^fc\.")]
+    got = similarity(finetuned[:2], a, groups=groups, classifier="head")
+    assert got.groups == ["stem", "body", "head", "network"]
+    default = similarity(finetuned[:2], a)
+    assert torch.equal(got.l2[-1], default.l2[-1])  # the same tensors, grouped otherwise
+
+
 def test_csv_dict_and_plot(sets, tmp_path):
     got = similarity(sets[1][:3], sets[0], labels=["x", "y", "z"])
     got.write_csv(tmp_path / "s.csv")

@@ -16,7 +16,7 @@ from ..errors import TransferFastError, first_few
 from ..io.checkpoints import StateSource, load_state, open_checkpoint
 from ..io.files import write_csv
 from ..io.names import align_prefixes, strip_prefix
-from .plan import check_sets_agree, make_plan
+from .plan import GroupsSource, check_sets_agree, make_plan
 
 NETWORK = "network"  # the last group: every compared tensor at once
 
@@ -73,17 +73,19 @@ def default_labels(sources: Sequence[StateSource]) -> list[str]:
     return [str(s) if isinstance(s, (str, Path)) else str(i) for i, s in enumerate(sources)]
 
 
-def _listing(src: StateSource) -> dict[str, torch.Tensor]:
+def _listing(src: StateSource, key: str | None) -> dict[str, torch.Tensor]:
     """What planning needs of a checkpoint: a file's names, shapes and dtypes (meta
     tensors, no data read), or a module's or mapping's tensors as they are."""
     if isinstance(src, (str, Path)):
-        return open_checkpoint(src).meta()
-    return load_state(src)
+        return open_checkpoint(src, key=key).meta()
+    return load_state(src, key=key)
 
 
 def similarity(checkpoints: Sequence[StateSource], reference: StateSource, *,
                preset: str = "auto", backend: str = "auto",
-               labels: Sequence[str] | None = None) -> SimilarityResult:
+               labels: Sequence[str] | None = None, groups: GroupsSource | None = None,
+               classifier: str | None = None, key: str | None = None,
+               strict: bool = False) -> SimilarityResult:
     """K x K cosine similarity and L2 distance between the updates θB_i - θA, per group.
 
     checkpoints: K >= 2 fine-tuned sets θB_i; reference: the pre-trained set θA (paths,
@@ -94,7 +96,8 @@ def similarity(checkpoints: Sequence[StateSource], reference: StateSource, *,
     each update (float32 at least) is packed into one row of a (K, L) buffer on the
     device of the first checkpoint, checkpoints given as paths read one at a time, and
     all K*K pairs come from one `packed_distance` call. Memory: K packed updates and
-    one checkpoint.
+    one checkpoint. `groups`, `classifier`, `strict` go to `make_plan`, `key` to
+    `load_state`, as in `transferability`.
     Raises TransferFastError for fewer than 2 checkpoints, sets that do not line up, or a
     NaN/Inf update; an all-zero update (a frozen group) gives NaN cosines, in `warnings`.
     """
@@ -108,14 +111,15 @@ def similarity(checkpoints: Sequence[StateSource], reference: StateSource, *,
     labels = [str(x) for x in labels] if labels is not None else default_labels(checkpoints)
     if len(labels) != len(checkpoints):
         raise TransferFastError(f"{len(labels)} labels for {len(checkpoints)} checkpoints")
-    ref = load_state(reference)
-    listed = [_listing(c) for c in checkpoints]
+    ref = load_state(reference, key=key)
+    listed = [_listing(c, key) for c in checkpoints]
     ref_label = f"reference ({reference})" if isinstance(reference, (str, Path)) else "reference"
     set_labels = [ref_label, *(f"checkpoint {x}" for x in labels)]
     prefixes = align_prefixes([ref, *listed], set_labels)  # 'bert.' in some, none in others
     ref, listed = strip_prefix(ref, prefixes[0]), [
         strip_prefix(s, p) for s, p in zip(listed, prefixes[1:])]
-    plan = make_plan([ref, *listed], preset, labels=set_labels)
+    plan = make_plan([ref, *listed], preset, labels=set_labels, groups=groups,
+                     classifier=classifier, strict=strict)
     first = listed[0][plan.names[0]]
     device = torch.device("cpu") if first.is_meta else first.device
     # θB - θA in float32 at least: in half precision the small update would be mostly
@@ -127,8 +131,8 @@ def similarity(checkpoints: Sequence[StateSource], reference: StateSource, *,
                        out=layout.new_buffer(1, dtype=dtype, device=device)[0])
     updates = layout.new_buffer(len(checkpoints), dtype=dtype, device=device)
     for k, (src, listing) in enumerate(zip(checkpoints, listed)):
-        state = (strip_prefix(load_state(src), prefixes[k + 1]) if isinstance(src, (str, Path))
-                 else listing)
+        state = (strip_prefix(load_state(src, key=key), prefixes[k + 1])
+                 if isinstance(src, (str, Path)) else listing)
         check_sets_agree([ref, state], plan.names, [ref_label, set_labels[k + 1]])
         layout.pack([state[n].to(device) for n in plan.names], out=updates[k]).sub_(base)
         del state  # one checkpoint in memory at a time
