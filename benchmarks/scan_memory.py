@@ -1,6 +1,6 @@
 """Peak resident memory of a 32-checkpoint scan (the ratios of the timings: ratios.py).
 
-    .venv/bin/python -m benchmarks.scan_memory [--folder DIR] [--batches default 8 1]
+    .venv/bin/python -m benchmarks.scan_memory [--folder DIR] [--budgets default 1G 256M 64M]
 
 Memory: each scan runs in a fresh child process that imports transfer_fast and nothing
 else, takes its VmRSS as the baseline, runs `transfer_fast.scan` over the 32 fine-tuned
@@ -8,8 +8,11 @@ ResNet-50 checkpoints of `test_scan_speed.py` (written to DIR, or to a temporary
 deleted afterwards) and reports its VmHWM (peak RSS) from /proc/self/status. A thread
 samples VmRSS/RssAnon/RssFile every 5 ms to split the peak into anonymous memory and
 mapped file pages (page cache pages mapped by the process count in RSS). The parent
-cross-checks with getrusage(RUSAGE_CHILDREN).ru_maxrss. K is the scan's default
-(`default`: K = 32 here) or forced through `max_memory` (`--batches default 8 1`).
+cross-checks with getrusage(RUSAGE_CHILDREN).ru_maxrss. The memory budget is the
+scan's default or `max_memory` (`--budgets`); it sets K (two (K, L) buffers of whole
+checkpoints fit in it) and, below two checkpoints, splits each into parts. The bound
+a scan must keep: θr and θA packed (two checkpoints) plus the budget, plus SLACK for
+the rest of the process (the plan, the tables, matplotlib for the plots).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 from .test_scan_speed import FORMATS, NUM_FINETUNED, warm_page_cache, workload, write_checkpoints
 
 MB = 1 << 20
+SLACK = 48 * MB
 
 # Runs in the child: transfer_fast is the only import of note before the baseline.
 CHILD = r"""
@@ -81,48 +85,55 @@ def child(args: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def max_memory_for(batch: str) -> int | None:
-    """`max_memory` that makes the scan choose K = batch (scan.py: budget // 2 MB)."""
-    if batch == "default":
+def parse_budget(text: str) -> int | None:
+    """'default' -> None (the scan's own), '256M' -> bytes."""
+    if text == "default":
         return None
-    from transfer_fast.pipelines.scan import SEGMENT_ELEMS
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
 
-    return int(batch) * SEGMENT_ELEMS * 4
 
+def measure(folder: Path, formats, budgets) -> list[dict]:
+    from transfer_fast.pipelines.scan import default_memory_budget
+    from transfer_fast.pipelines.scan_pair import batch_size
 
-def measure(folder: Path, formats, batches) -> list[dict]:
-    from .test_scan_speed import batch_size
+    from .test_scan_speed import scan_device, target_bytes
 
     rows = []
     for fmt in formats:
         w = workload(folder, fmt)
         warm_page_cache([w.random, w.pretrained, *w.finetuned])
-        for batch in batches:
-            out = w.runs / f"memory-{fmt}-K{batch}"
+        for text in budgets:
+            budget = parse_budget(text)
+            out = w.runs / f"memory-{fmt}-{text}"
             shutil.rmtree(out, ignore_errors=True)
             r = child({"paths": [str(p) for p in w.finetuned], "random": str(w.random),
                        "pretrained": str(w.pretrained), "out": str(out),
-                       "max_memory": max_memory_for(batch)})
+                       "max_memory": budget})
             assert (r["done"], r["failed"]) == (len(w.finetuned), 0), r
             shutil.rmtree(out, ignore_errors=True)
-            k = batch_size() if batch == "default" else int(batch)
-            rows.append({"format": fmt, "K": min(k, len(w.finetuned)),
-                         "checkpoint": w.checkpoint_bytes,
+            budget = budget or default_memory_budget(scan_device())
+            size = target_bytes(w)
+            k = batch_size(size, budget)
+            rows.append({"format": fmt, "budget": budget, "K": min(k, len(w.finetuned)),
+                         "checkpoint": w.checkpoint_bytes, "bound": 2 * size + budget + SLACK,
                          "ru_maxrss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
                          * 1024, **r})
     return rows
 
 
 def memory_table(rows: list[dict], pyplot: dict) -> list[str]:
-    lines = ["| format | K | peak RSS - baseline MiB | in checkpoints | < 3 checkpoints | "
-             "sampled peak above baseline: anon / file MiB | baseline MiB | scan s |",
-             "|---|--:|--:|--:|:-:|--:|--:|--:|"]
+    lines = ["| format | budget MiB | K | peak RSS - baseline MiB | in checkpoints | "
+             "bound MiB (θr, θA + budget + slack) | within | sampled peak above baseline: anon / "
+             "file MiB | baseline MiB | scan s |",
+             "|---|--:|--:|--:|--:|--:|:-:|--:|--:|--:|"]
     for r in rows:
         extra = r["hwm"] - r["baseline"]
         s, b = r["sampled"], r["base"]
         lines.append(
-            f"| {r['format']} | {r['K']} | {extra / MB:.0f} | {extra / r['checkpoint']:.2f} | "
-            f"{'yes' if extra < 3 * r['checkpoint'] else 'NO'} | "
+            f"| {r['format']} | {r['budget'] / MB:.0f} | {r['K']} | {extra / MB:.0f} | "
+            f"{extra / r['checkpoint']:.2f} | {r['bound'] / MB:.0f} | "
+            f"{'yes' if extra <= r['bound'] else 'NO'} | "
             f"{(s['RssAnon'] - b['RssAnon']) / MB:.0f} / "
             f"{(s['RssFile'] - b['RssFile']) / MB:.0f} | "
             f"{r['baseline'] / MB:.0f} | {r['seconds']:.2f} |")
@@ -142,13 +153,14 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, help="checkpoints folder (written if needed, "
                         "kept); default: a temporary folder, deleted")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
-    parser.add_argument("--batches", nargs="+", default=["default", "8", "1"],
-                        help="K per scan: 'default' (the scan's choice) or a number")
+    parser.add_argument("--budgets", nargs="+", default=["default", "1G", "256M", "64M"],
+                        help="max_memory per scan: 'default' (the scan's own) or bytes "
+                             "with K/M/G")
     args = parser.parse_args()
     folder = args.folder or Path(tempfile.mkdtemp(prefix="tf-scan-mem-"))
     try:
         write_checkpoints(folder)
-        rows = measure(folder, args.formats, args.batches)
+        rows = measure(folder, args.formats, args.budgets)
         pyplot = child({"preload_pyplot": True})
     finally:
         if args.folder is None:

@@ -6,7 +6,8 @@ folder as .safetensors and as .pt (3.2 GB per format), every file read once
 before timing so the page cache is warm. One benchmark group per format:
 
   scan               transfer_fast.scan(32 paths, ...) into a fresh run folder every
-                     round (default preset 'auto'; K = 32, one batch: see `batch_size`)
+                     round (default preset 'auto'; K from the default memory budget: two
+                     (K, L) buffers of whole checkpoints, see `batch_size`)
   scan_paper         the same with preset='paper'
   scan_tables        the same as scan without the two PNG plots (plots=False)
   script_loop        the authors' script once per checkpoint: load θr, θA and θB
@@ -30,6 +31,15 @@ before timing so the page cache is warm. One benchmark group per format:
 GB/s column of `ratios.py` is comparable. The ratios of the issue's goals are printed by
 `python benchmarks/ratios.py <bench.json>` (`of read_only` = read time / scan time).
 
+The marginal cost per checkpoint (group `scan marginal [fmt]`, and
+`python -m benchmarks.test_scan_speed --rounds 5`): each round scans all 32 and the
+first 8 checkpoints (tables only, fresh run folders, warm cache) and reads the other 24
+files' bytes with the format's loader (as `read_only`); marginal = (t32 - t8) / 24,
+bare = read / 24, and the goal is marginal <= 1.3 x bare. The fixed costs (θr and θA,
+planning, tables) cancel in the difference; rounds are paired, so drift of a shared
+machine cancels too. extra_info holds the per-round ratios and their median, and the
+same ratio in CPU time of the process (steadier when other processes share the cores).
+
 The folder is deleted at session end. With TRANSFER_FAST_SCAN_DIR=<dir> the checkpoints
 are written there once and kept, for repeated sessions and for `scan_memory.py`.
 """
@@ -39,7 +49,9 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import statistics
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +61,8 @@ from safetensors.torch import load_file, save_file
 
 import transfer_fast
 from transfer_fast import transferability
-from transfer_fast.pipelines.scan import MAX_BATCH, SEGMENT_ELEMS, default_memory_budget
+from transfer_fast.pipelines.scan import default_memory_budget
+from transfer_fast.pipelines.scan_pair import batch_size as scan_batch_size
 from transfer_fast.testing import random_state, resnet_shapes, triple
 
 from .conftest import describe, preemption_counted
@@ -146,10 +159,16 @@ def workload(folder: Path, fmt: str, count: int = NUM_FINETUNED) -> ScanWorkload
     return ScanWorkload(folder, fmt, r, a, bs, runs)
 
 
-def batch_size(device: torch.device | None = None) -> int:
-    """K as `scan` chooses it by default (scan.py: min(MAX_BATCH, budget // 2 MB))."""
-    device = device or scan_device()
-    return max(1, min(MAX_BATCH, default_memory_budget(device) // (SEGMENT_ELEMS * 4)))
+def batch_size(target_bytes: int, device: torch.device | None = None) -> int:
+    """K as `scan` chooses it by default for targets of `target_bytes` (scan_pair.py:
+    two (K, L) buffers within the default memory budget)."""
+    return scan_batch_size(target_bytes, default_memory_budget(device or scan_device()))
+
+
+def target_bytes(w: ScanWorkload) -> int:
+    """The bytes of θA's floating tensors: what `scan` sizes K by."""
+    return sum(t.numel() * t.element_size() for t in load(w.pretrained).values()
+               if t.is_floating_point())
 
 
 def scan_device() -> torch.device:
@@ -208,16 +227,21 @@ def measure_loop_auto(w: ScanWorkload) -> list[float]:
     return measure_loop(w, preset="auto")
 
 
-def read_only(w: ScanWorkload) -> int:
-    """The bare read: every file a scan needs, each once, copied into memory."""
+def bare_read(paths) -> int:
+    """Each file's every byte copied into memory by the format's loader."""
     tensors = 0
-    for path in (w.random, w.pretrained, *w.finetuned):
+    for path in paths:
         if path.suffix == ".safetensors":
             state = load_file(str(path), backend="pread")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
         tensors += len(state)
     return tensors
+
+
+def read_only(w: ScanWorkload) -> int:
+    """The bare read: every file a scan needs, each once, copied into memory."""
+    return bare_read([w.random, w.pretrained, *w.finetuned])
 
 
 def read_touch(w: ScanWorkload) -> float:
@@ -278,11 +302,7 @@ def scan_workloads(scan_folder):
     def get(fmt: str) -> ScanWorkload:
         if fmt not in cache:
             w = workload(scan_folder, fmt)
-            res = run_scan(w, w.runs / f"warmup-{fmt}")
-            # One batch of 32: the batch's time is shared evenly, so every row has the
-            # same `seconds`; two batches would show two values.
-            seconds = {row["seconds"] for row in summary_rows(res)}
-            assert batch_size() >= NUM_FINETUNED and len(seconds) == 1, (batch_size(), seconds)
+            run_scan(w, w.runs / f"warmup-{fmt}")
             warm_page_cache([w.random, w.pretrained, *w.finetuned])
             cache[fmt] = w
         return cache[fmt]
@@ -325,7 +345,7 @@ def test_scan32(benchmark, request, scan_workloads, fmt, entry):
     describe(benchmark, group=f"scan{NUM_FINETUNED} [{fmt}]", entry=entry,
              device=str(scan_device().type) if ours else "cpu", nbytes=w.nbytes,
              format=fmt, checkpoints=len(w.finetuned), checkpoint_bytes=w.checkpoint_bytes,
-             batch=min(batch_size(), len(w.finetuned)) if ours else 1)
+             batch=min(batch_size(target_bytes(w)), len(w.finetuned)) if ours else 1)
     rounds = max(1, request.config.getoption("benchmark_min_rounds"))
     if ours:
         preset = "paper" if entry == "scan_paper" else "auto"
@@ -343,3 +363,98 @@ def test_scan32(benchmark, request, scan_workloads, fmt, entry):
         kwargs = {}
     with preemption_counted(benchmark):
         benchmark.pedantic(target, rounds=rounds, iterations=1, warmup_rounds=0, **kwargs)
+
+
+# ---- the marginal cost per checkpoint -------------------------------------------------
+
+MARGINAL_HEAD = 8  # checkpoints of the short scan; the other 24 are the margin
+
+
+def marginal_round(w: ScanWorkload, tag: str) -> dict[str, float]:
+    """One paired round: seconds of scan(all), scan(first 8) and the bare read of the
+    other files; the marginal and bare seconds per checkpoint and their ratio, in wall
+    time and in CPU time of the process (all threads: steadier on a shared machine)."""
+    cpu: list[float] = []
+
+    def timed(fn) -> float:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        cpu.append(time.process_time() - start_cpu)
+        return time.perf_counter() - start
+
+    head = ScanWorkload(w.folder, w.fmt, w.random, w.pretrained, w.finetuned[:MARGINAL_HEAD],
+                        w.runs)
+    rest = ScanWorkload(w.folder, w.fmt, w.random, w.pretrained, w.finetuned[MARGINAL_HEAD:],
+                        w.runs)
+    shutil.rmtree(w.runs / f"margin-all-{tag}", ignore_errors=True)
+    shutil.rmtree(w.runs / f"margin-head-{tag}", ignore_errors=True)
+    t_all = timed(lambda: run_scan(w, w.runs / f"margin-all-{tag}", plots=False))
+    t_head = timed(lambda: run_scan(head, w.runs / f"margin-head-{tag}", plots=False))
+    t_read = timed(lambda: bare_read(rest.finetuned))
+    n = len(rest.finetuned)
+    marginal, bare = (t_all - t_head) / n, t_read / n
+    marginal_cpu, bare_cpu = (cpu[0] - cpu[1]) / n, cpu[2] / n
+    return {"all_s": t_all, "head_s": t_head, "read_s": t_read, "marginal_s": marginal,
+            "bare_s": bare, "ratio": marginal / bare, "marginal_cpu_s": marginal_cpu,
+            "bare_cpu_s": bare_cpu, "cpu_ratio": marginal_cpu / bare_cpu}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_marginal_cost_per_checkpoint(benchmark, request, scan_workloads, fmt):
+    """The scan's cost per extra checkpoint against the bare read of its bytes."""
+    w = scan_workloads(fmt)
+    benchmark.group = f"scan marginal [{fmt}]"
+    rounds = max(1, request.config.getoption("benchmark_min_rounds"))
+    results = []
+    counter = iter(range(1 << 30))
+    benchmark.pedantic(lambda: results.append(marginal_round(w, f"{fmt}-{next(counter)}")),
+                       rounds=rounds, iterations=1, warmup_rounds=0)
+    ratios = [r["ratio"] for r in results]
+    benchmark.extra_info.update(
+        entry="marginal", format=fmt, bytes=w.checkpoint_bytes, goal=1.3,
+        ratios=[round(x, 3) for x in ratios], ratio_median=statistics.median(ratios),
+        cpu_ratio_median=statistics.median(r["cpu_ratio"] for r in results),
+        marginal_ms=1e3 * statistics.median(r["marginal_s"] for r in results),
+        bare_ms=1e3 * statistics.median(r["bare_s"] for r in results),
+        batch=min(batch_size(target_bytes(w)), len(w.finetuned)), device=scan_device().type,
+        threads=torch.get_num_threads())
+
+
+def main() -> None:
+    """Prints the marginal cost per checkpoint of each format, round by round."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="marginal scan cost per checkpoint")
+    parser.add_argument("--folder", type=Path, default=None,
+                        help="checkpoints folder (written if needed, kept); default: temporary")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    args = parser.parse_args()
+    folder = args.folder or Path(tempfile.mkdtemp(prefix="tf-scan-bench-"))
+    try:
+        write_checkpoints(folder)
+        for fmt in args.formats:
+            w = workload(folder, fmt)
+            warm_page_cache([w.random, w.pretrained, *w.finetuned])
+            run_scan(w, w.runs / f"warmup-{fmt}", plots=False)
+            results = [marginal_round(w, f"{fmt}-{i}") for i in range(args.rounds)]
+            for r in results:
+                print(f"{fmt}: scan {r['all_s']:.2f} s, head {r['head_s']:.2f} s -> "
+                      f"{1e3 * r['marginal_s']:.1f} ms/ckpt; bare read "
+                      f"{1e3 * r['bare_s']:.1f} ms/ckpt; ratio {r['ratio']:.2f} "
+                      f"(CPU time {1e3 * r['marginal_cpu_s']:.1f} / "
+                      f"{1e3 * r['bare_cpu_s']:.1f} ms: {r['cpu_ratio']:.2f})")
+            ratios = [r["ratio"] for r in results]
+            print(f"{fmt}: K = {min(batch_size(target_bytes(w)), NUM_FINETUNED)}, median "
+                  f"ratio {statistics.median(ratios):.2f} (goal <= 1.3), min {min(ratios):.2f};"
+                  f" CPU time: median "
+                  f"{statistics.median(r['cpu_ratio'] for r in results):.2f}")
+    finally:
+        if args.folder is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            shutil.rmtree(folder / "runs", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -323,3 +323,34 @@ def test_a_fifo_is_refused_not_waited_on(ckpts, tmp_path):
         StreamedCheckpoint(fifo)
     with pytest.raises(TransferFastError, match="not regular files.*pipe.safetensors"):
         scan([fifo], random=r, pretrained=a, out=tmp_path / "run", progress=False)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_read_many_of_a_file_truncated_under_it_raises_naming_it(tmp_path, suffix):
+    path = tmp_path / f"b{suffix}"
+    torch.save(state(2), path) if suffix == ".pt" else save_file(state(2), str(path))
+    with StreamedCheckpoint(path) as ck:
+        names = list(ck.shapes)[::-1]  # out of file order: sorted into runs by the reader
+        bufs = [torch.empty(ck.meta(n).numel() * 4, dtype=torch.uint8) for n in names]
+        ck.read_many([(n, 0, ck.meta(n).numel(), b) for n, b in zip(names, bufs)])
+        for n, b in zip(names, bufs):
+            assert torch.equal(b.view(torch.float32).view(ck.meta(n).shape), state(2)[n])
+        os.truncate(path, path.stat().st_size // 3)
+        with pytest.raises(TransferFastError, match=f"b{suffix}: file shorter"):
+            ck.read_many([(n, 0, ck.meta(n).numel(), b) for n, b in zip(names, bufs)])
+
+
+def test_a_torch_file_laid_out_like_a_cached_one_is_still_checked(tmp_path):
+    good, other = tmp_path / "good.pt", tmp_path / "other.pt"
+    torch.save(state(2), good)
+    torch.save(state(3), other)  # the same pickle: its layout comes from the cache
+    with StreamedCheckpoint(good) as ck:
+        first = {n: ck.load(n) for n in ck.shapes}
+    with StreamedCheckpoint(other) as ck:
+        assert all(torch.equal(ck.load(n), state(3)[n]) for n in ck.shapes)
+        assert all(torch.equal(first[n], state(2)[n]) for n in first)
+    # A record renamed (in its local header and the central directory): the pickle is
+    # unchanged, so the cached layout names a record the file no longer has.
+    other.write_bytes(other.read_bytes().replace(b"other/data/1", b"other/data/9"))
+    with pytest.raises(TransferFastError, match="other.pt: tensor .* lies outside"):
+        StreamedCheckpoint(other)

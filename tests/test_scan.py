@@ -232,3 +232,34 @@ def test_cli_scan_pairwise_and_bad_input_exit_2(ckpts, tmp_path):
     bad = subprocess.run(_cli("--random", r, "--pretrained", a, "--out", tmp_path / "r2",
                               paths[0], tmp_path / "nope.pt"), capture_output=True, text=True)
     assert bad.returncode == 2 and "nope.pt" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_reader_threads_sharing_a_target_do_not_change_the_numbers(ckpts, tmp_path,
+                                                                   monkeypatch):
+    import importlib
+
+    scan_module = importlib.import_module("transfer_fast.pipelines.scan")
+    r, a, paths = ckpts
+    whole = scan(paths[:3], random=r, pretrained=a, out=tmp_path / "one", progress=False,
+                 plots=False)
+    monkeypatch.setattr(scan_module, "READ_THREADS", 4)
+    size = sum(t.numel() * t.element_size() for t in torch.load(a).values())
+    # K = 1 with the whole model in one part: 4 readers fill each target's row together.
+    shared = scan(paths[:3], random=r, pretrained=a, out=tmp_path / "four",
+                  max_memory=int(2.5 * size), progress=False, plots=False)
+    assert read(shared.results_csv) == read(whole.results_csv)
+
+
+def test_heads_of_other_class_counts_share_the_packed_anchors(ckpts, tmp_path):
+    r, a, paths = ckpts
+    shapes = testing.resnet_shapes(18)
+    other = []
+    for classes in (5, 7):
+        _, _, b = testing.triple(shapes, seed=classes, finetuned_classes=classes)
+        save_file(b, str(tmp_path / f"c{classes}.safetensors"))
+        other.append(tmp_path / f"c{classes}.safetensors")
+    res = scan([paths[1], *other], random=r, pretrained=a, out=tmp_path / "run",
+               progress=False, plots=False)
+    assert res.done == 3
+    for path, record in zip([paths[1], *other], res.records):
+        assert record.T == transferability(r, a, path).values

@@ -155,6 +155,45 @@ def test_new_classifier_left_out_and_paths_labelled(tmp_path):
     assert similarity(paths, a).labels == [f"{tmp_path.name}/run_lr1", "run_lr2", "x/run_lr1"]
 
 
+def test_files_and_hf_folders_give_the_in_memory_numbers_bit_for_bit(sets, tmp_path):
+    a, finetuned = sets
+    torch.save(finetuned[0], tmp_path / "b0.pt")
+    testing.save_hf_folder(finetuned[1], tmp_path / "b1", shards=3)
+    testing.save_hf_folder(finetuned[2], tmp_path / "b2", shards=2, fmt="bin")
+    testing.save_hf_folder(a, tmp_path / "a", shards=2)
+    paths = [tmp_path / "b0.pt", tmp_path / "b1", tmp_path / "b2"]
+    on_disk = similarity(paths, tmp_path / "a", labels=["0", "1", "2"])
+    in_memory = similarity(finetuned[:3], a)
+    assert torch.equal(on_disk.cosine, in_memory.cosine)
+    assert torch.equal(on_disk.l2, in_memory.l2)
+    # A task model nesting the network under 'model.' beside plain ones: lined up.
+    testing.save_hf_folder({f"model.{n}": t for n, t in finetuned[2].items()}, tmp_path / "m")
+    nested = similarity([*paths[:2], tmp_path / "m"], tmp_path / "a", labels=["0", "1", "2"])
+    assert torch.equal(nested.cosine, in_memory.cosine)
+
+
+def test_half_precision_updates_are_taken_in_float32(sets):
+    a, finetuned = sets
+    half = [{k: v.bfloat16() if v.is_floating_point() else v for k, v in b.items()}
+            for b in finetuned[:2]]
+    got = similarity(half, {k: v.bfloat16() if v.is_floating_point() else v
+                            for k, v in a.items()})
+    want_cos, _ = expected({k: v.bfloat16().float() if v.is_floating_point() else v
+                            for k, v in a.items()},
+                           [{k: v.float() if v.is_floating_point() else v for k, v in b.items()}
+                            for b in half])
+    torch.testing.assert_close(got.cosine, want_cos, rtol=1e-5, atol=1e-6)
+
+
+def test_custom_groups_and_classifier(sets):
+    a, finetuned = sets
+    groups = [("stem", r"^(conv1|bn1)\."), ("body", r"^layer\d\."), ("head", r"^fc\.")]
+    got = similarity(finetuned[:2], a, groups=groups, classifier="head")
+    assert got.groups == ["stem", "body", "head", "network"]
+    default = similarity(finetuned[:2], a)
+    assert torch.equal(got.l2[-1], default.l2[-1])  # the same tensors, grouped otherwise
+
+
 def test_csv_dict_and_plot(sets, tmp_path):
     got = similarity(sets[1][:3], sets[0], labels=["x", "y", "z"])
     got.write_csv(tmp_path / "s.csv")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -13,9 +14,10 @@ from torch import nn
 
 from .. import ops
 from ..errors import TransferFastError, first_few
-from ..io.checkpoints import StateSource, load_state
+from ..io.checkpoints import StateSource, load_state, open_checkpoint
 from ..io.files import write_csv
-from .plan import make_plan
+from ..io.names import align_prefixes, strip_prefix
+from .plan import GroupsSource, check_sets_agree, make_plan
 
 NETWORK = "network"  # the last group: every compared tensor at once
 
@@ -100,26 +102,31 @@ def _suffix_labels(parts: list[tuple[str, ...]], stem: bool) -> list[str]:
     return [str(x) for x in labels]
 
 
-def _update(finetuned: torch.Tensor, pretrained: torch.Tensor,
-            device: torch.device) -> torch.Tensor:
-    """θB - θA in float32 at least: in half precision the small update would be mostly
-    rounding error of the (much larger) weights."""
-    dtype = torch.promote_types(torch.promote_types(finetuned.dtype, pretrained.dtype),
-                                torch.float32)
-    return finetuned.to(device, dtype) - pretrained.to(device, dtype)
+def _listing(src: StateSource, key: str | None) -> dict[str, torch.Tensor]:
+    """What planning needs of a checkpoint: a file's names, shapes and dtypes (meta
+    tensors, no data read), or a module's or mapping's tensors as they are."""
+    if isinstance(src, (str, Path)):
+        return open_checkpoint(src, key=key).meta()
+    return load_state(src, key=key)
 
 
 def similarity(checkpoints: Sequence[StateSource], reference: StateSource, *,
                preset: str = "auto", backend: str = "auto",
-               labels: Sequence[str] | None = None) -> SimilarityResult:
+               labels: Sequence[str] | None = None, groups: GroupsSource | None = None,
+               classifier: str | None = None, key: str | None = None,
+               strict: bool = False) -> SimilarityResult:
     """K x K cosine similarity and L2 distance between the updates θB_i - θA, per group.
 
     checkpoints: K >= 2 fine-tuned sets θB_i; reference: the pre-trained set θA (paths,
-    modules or mappings, as `load_state`). The tensors and groups come from `make_plan`
-    (a classifier whose shape differs is left out, listed in `excluded`); "network" sums
-    over every compared tensor. All K*K pairs come from one fused pass on the device of
-    the first checkpoint. The K updates are materialised there (K copies of the compared
-    tensors, float32 at least), so memory grows with K.
+    folders, modules or mappings, as `load_state`). The tensors and groups come from
+    `make_plan` (a classifier whose shape differs is left out, listed in `excluded`);
+    "network" sums over every compared tensor; prefixes that differ between the sets
+    ('bert.' in a task model) are lined up. The plan's tensors get one flat layout:
+    each update (float32 at least) is packed into one row of a (K, L) buffer on the
+    device of the first checkpoint, checkpoints given as paths read one at a time, and
+    all K*K pairs come from one `packed_distance` call. Memory: K packed updates and
+    one checkpoint. `groups`, `classifier`, `strict` go to `make_plan`, `key` to
+    `load_state`, as in `transferability`.
     Raises TransferFastError for fewer than 2 checkpoints, sets that do not line up, or a
     NaN/Inf update; an all-zero update (a frozen group) gives NaN cosines, in `warnings`.
     """
@@ -133,15 +140,32 @@ def similarity(checkpoints: Sequence[StateSource], reference: StateSource, *,
     labels = [str(x) for x in labels] if labels is not None else default_labels(checkpoints)
     if len(labels) != len(checkpoints):
         raise TransferFastError(f"{len(labels)} labels for {len(checkpoints)} checkpoints")
-    ref = load_state(reference)
-    states = [load_state(c) for c in checkpoints]
+    ref = load_state(reference, key=key)
+    listed = [_listing(c, key) for c in checkpoints]
     ref_label = f"reference ({reference})" if isinstance(reference, (str, Path)) else "reference"
     set_labels = [ref_label, *(f"checkpoint {x}" for x in labels)]
-    plan = make_plan([ref, *states], preset, labels=set_labels)
-    device = states[0][plan.names[0]].device
-    base = [ref[n].to(device) for n in plan.names]
-    updates = [[_update(s[n], a, device) for n, a in zip(plan.names, base)] for s in states]
-    sums = ops.multi_tensor_distance(updates, updates, backend=backend)  # (K, K, T, 5)
+    prefixes = align_prefixes([ref, *listed], set_labels)  # 'bert.' in some, none in others
+    ref, listed = strip_prefix(ref, prefixes[0]), [
+        strip_prefix(s, p) for s, p in zip(listed, prefixes[1:])]
+    plan = make_plan([ref, *listed], preset, labels=set_labels, groups=groups,
+                     classifier=classifier, strict=strict)
+    first = listed[0][plan.names[0]]
+    device = torch.device("cpu") if first.is_meta else first.device
+    # θB - θA in float32 at least: in half precision the small update would be mostly
+    # rounding error of the (much larger) weights.
+    dtype = functools.reduce(torch.promote_types, (
+        s[n].dtype for s in (ref, *listed) for n in plan.names), torch.float32)
+    layout = ops.PackedLayout.from_tensors([ref[n] for n in plan.names])
+    base = layout.pack([ref[n].to(device) for n in plan.names],
+                       out=layout.new_buffer(1, dtype=dtype, device=device)[0])
+    updates = layout.new_buffer(len(checkpoints), dtype=dtype, device=device)
+    for k, (src, listing) in enumerate(zip(checkpoints, listed)):
+        state = (strip_prefix(load_state(src, key=key), prefixes[k + 1])
+                 if isinstance(src, (str, Path)) else listing)
+        check_sets_agree([ref, state], plan.names, [ref_label, set_labels[k + 1]])
+        layout.pack([state[n].to(device) for n in plan.names], out=updates[k]).sub_(base)
+        del state  # one checkpoint in memory at a time
+    sums = ops.packed_distance(updates, updates, layout, backend=backend)  # (K, K, T, 5)
 
     bad = (~torch.isfinite(sums[:, 0, :, 3])).nonzero().tolist()  # per (checkpoint, tensor)
     if bad:

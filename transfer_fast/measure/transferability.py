@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -181,6 +182,68 @@ def transferability_from_states(states: Sequence[dict[str, torch.Tensor]],
     notes = _check_finite(sums, sets, labels, plan.names)
     numel = torch.tensor([t.numel() for t in sets[0]], dtype=torch.float64)
     return result_from_sums(sums[:, 0].cpu(), plan, numel, metric=metric, notes=notes)
+
+
+class PackedAnchors:
+    """θr and θA packed once for many measurements of sets with the same names and shapes
+    (a trajectory: the live model after every epoch).
+
+    The plan's tensors get one flat `PackedLayout`; θr and θA are packed into a (2, L)
+    buffer on `device` here, and each `measure(state)` packs `state` into a reused (1, L)
+    buffer (one `_foreach_copy_`) and reduces it with one `packed_distance` call: O(1)
+    kernel launches and host work per measurement whatever the number of tensors. The
+    sums are those of `transferability_from_states` on the same tensors, bit for bit
+    when they share one dtype.
+    """
+
+    def __init__(self, anchors: Sequence[Mapping[str, torch.Tensor]], plan: Plan,
+                 device: torch.device | str, labels: list[str] | None = None):
+        self.plan = plan
+        self.labels = list(labels or ["random", "pretrained", "finetuned"])
+        check_sets_agree(anchors, plan.names, self.labels[:2])
+        sets = [[s[n] for n in plan.names] for s in anchors]
+        self.layout = ops.PackedLayout.from_tensors(sets[0])
+        dtype = functools.reduce(torch.promote_types, (t.dtype for s in sets for t in s))
+        rows = []
+        for tensors in sets:  # packed where the set lives, then moved as one buffer
+            home = tensors[0].device
+            row = self.layout.new_buffer(1, dtype=dtype, device=home)[0]
+            rows.append(self.layout.pack([t.to(home) for t in tensors], out=row).to(device))
+        self.anchors = torch.stack(rows)
+        self.numel = torch.tensor(self.layout.numels, dtype=torch.float64)
+        # Shapes only, to name a tensor a measured set lacks or has reshaped.
+        self._shapes = {n: torch.empty(s, device="meta")
+                        for n, s in zip(plan.names, self.layout.shapes)}
+        self._target: torch.Tensor | None = None  # (1, L), made on the first measure
+
+    def measure(self, state: Mapping[str, torch.Tensor], *, metric: str = "l1_mean",
+                backend: str = "auto") -> TransferabilityResult:
+        """T of `state` (the plan's names and shapes) against the packed anchors."""
+        check_metric(metric)
+        try:
+            tensors = [state[n] for n in self.plan.names]
+        except KeyError:
+            self._check(state)
+            raise
+        dtype = functools.reduce(torch.promote_types, {t.dtype for t in tensors})
+        if self._target is None or self._target.dtype != dtype:
+            self._target = self.layout.new_buffer(1, dtype=dtype, device=self.anchors.device)
+        try:
+            self.layout.pack(tensors, out=self._target[0])
+        except ValueError:
+            self._check(state)
+            raise
+        sums = ops.packed_distance(self.anchors, self._target, self.layout, backend=backend)
+        notes = []
+        if not torch.isfinite(sums[..., 3:]).all():  # name the NaN/Inf (or overflow)
+            sets = [*(self.layout.unpack(row) for row in self.anchors), tensors]
+            notes = _check_finite(sums, sets, self.labels, self.plan.names)
+        return result_from_sums(sums[:, 0].cpu(), self.plan, self.numel, metric=metric,
+                                notes=notes)
+
+    def _check(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Raises TransferFastError naming a tensor `state` lacks or has of another shape."""
+        check_sets_agree([self._shapes, state], self.plan.names, self.labels[1:])
 
 
 def result_from_sums(sums: torch.Tensor, plan: Plan, numel: torch.Tensor, *, metric: str,

@@ -1,18 +1,18 @@
 """Many-model scans: T of every fine-tuned checkpoint, streamed, batched, resumable, sharded.
 
-θr and θA are held in memory and read once per batch of K fine-tuned targets; the
-targets are read piece by piece into reused buffers (streaming.py) and reduced a
-call at a time, so memory stays bounded whatever K is. One thread opens the next
-batch, another reads the next call's pieces while the kernel runs. Under torchrun
-each rank takes every world_size-th pending checkpoint and rank 0 writes the tables.
+Checkpoints are files, Hugging Face folders or index files, read shard by shard. Per
+architecture the plan's tensors get one flat layout and θr, θA are packed into it
+once (scan_packed.py); each batch of K fine-tuned targets is read straight from the
+files into a reused (K, L) buffer and reduced by one `packed_distance` call, while
+reader threads fill the other buffer with the next batch and a prefetch thread opens
+the batch after it. --max-memory bounds the targets in flight and so sets K. Under
+torchrun each rank takes every world_size-th pending checkpoint and rank 0 writes the
+tables.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,16 +20,27 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import ops
-from ..errors import TransferFastError, first_few
-from ..io.files import file_key, refuse_overwriting_inputs
-from ..io.streaming import StreamedCheckpoint
-from ..measure.plan import Plan, make_plan, natural_key
-from ..measure.transferability import check_metric, result_from_sums
-from .scan_journal import RunFolder, ScanRecord, ScanRow, read_manifest, validate_rows
+from ..errors import TransferFastError
+from ..io.files import refuse_overwriting_inputs
+from ..io.sharded import checkpoint_key, open_streamed
+from ..measure.plan import Plan
+from ..measure.presets import load_groups
+from ..measure.transferability import check_metric
+from .scan_journal import (
+    RunFolder,
+    ScanRecord,
+    ScanRow,
+    failed_record,
+    read_manifest,
+    record_options,
+    validate_rows,
+)
+from .scan_packed import Buffers
+from .scan_pair import PairScan
 
-SEGMENT_ELEMS = 1 << 18  # elements per target per kernel call: 1 MB of float32
-MAX_BATCH = 64
+SEGMENT_ELEMS = 1 << 26  # a tensor larger than this is read and reduced in pieces of it
+DEFAULT_BUDGET_CAP = 1 << 30  # default bytes of targets in flight, at most
+READ_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 @dataclass
@@ -49,202 +60,30 @@ class ScanResult:
     plan: Plan | None = None
 
 
-def _segments(numels: list[int], size: int) -> list[list[tuple[int, int, int]]]:
-    """Kernel calls of at most `size` elements each: (tensor, start, end) pieces in order."""
-    calls, current, filled = [], [], 0
-    for t, n in enumerate(numels):
-        start = 0
-        while start < n:
-            take = min(n - start, size - filled)
-            current.append((t, start, start + take))
-            filled, start = filled + take, start + take
-            if filled == size:
-                calls.append(current)
-                current, filled = [], 0
-    return calls + ([current] if current else [])
-
-
 def default_memory_budget(device: torch.device) -> int:
-    """Bytes the targets in flight may take: half the free GPU memory, or a quarter of
-    the available RAM."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] // 2
+    """Bytes the targets in flight may take: a quarter of the available RAM, at most
+    DEFAULT_BUDGET_CAP, and on a GPU at most half its free memory."""
     try:
         with open("/proc/meminfo") as f:
             avail = next(int(line.split()[1]) * 1024 for line in f
                          if line.startswith("MemAvailable"))
     except (OSError, StopIteration):
         avail = 4 << 30
-    return avail // 4
+    budget = min(avail // 4, DEFAULT_BUDGET_CAP)
+    if device.type == "cuda":
+        budget = min(budget, torch.cuda.mem_get_info(device)[0] // 2)
+    return budget
 
 
-def _open(path: str) -> tuple[StreamedCheckpoint | None, str]:
-    """Opens one checkpoint (its header, or its pickle's offsets); runs in the prefetch
-    thread."""
+def _open(path: str, key: str | None = None):
+    """Opens one checkpoint (headers, a pickle's offsets, an index and its shards); runs in
+    the prefetch thread. Returns (the open checkpoint or None, why not)."""
     try:
-        return StreamedCheckpoint(path), ""
+        return open_streamed(path, key=key), ""
     except TransferFastError as exc:
         return None, str(exc)
     except Exception as exc:  # any unreadable file is a failed row, never the scan's end
         return None, f"{path}: {type(exc).__name__}: {exc}"
-
-
-def _load_anchor(path: str, device: torch.device) -> tuple[dict[str, torch.Tensor], list]:
-    """θr or θA in memory (read with pread, no map a truncation could turn into SIGBUS),
-    in load_state's order, and its file key."""
-    with StreamedCheckpoint(path) as ck:
-        names = list(ck.shapes)
-        if ck.path.suffix == ".safetensors":  # as load_state orders them
-            names.sort(key=natural_key)
-        state = {n: ck.load(n).to(device) for n in names}
-        changed = ck.changed()
-        if changed:
-            raise TransferFastError(changed)
-        return state, ck.key
-
-
-class _PairScan:
-    """All checkpoints fine-tuned from one (θr, θA) pair: the Plan per architecture,
-    the anchors on the device, and the batched, segmented reduction."""
-
-    def __init__(self, random: str, pretrained: str, opts: dict):
-        self.opts = opts
-        self.labels = [f"random ({random})", f"pretrained ({pretrained})"]
-        loaded = [_load_anchor(p, opts["device"]) for p in (random, pretrained)]
-        self.shared = [state for state, _ in loaded]
-        self.anchor_keys = [key for _, key in loaded]
-        self.plans: dict[tuple, tuple | str] = {}
-        self.first_plan: Plan | None = None
-        self._buffers: list[list[torch.Tensor]] | None = None  # 2 sets, reused by every batch
-
-    def _entry(self, ck: StreamedCheckpoint):
-        """(plan, anchors, kernel calls, numel) for this architecture, or why it fails."""
-        key = tuple(sorted((n, s, ck.meta(n).dtype) for n, s in ck.shapes.items()))
-        if key not in self.plans:
-            try:
-                states = [*self.shared, {n: ck.meta(n) for n in ck.shapes}]
-                plan = make_plan(states, self.opts["preset"],
-                                 labels=[*self.labels, "the fine-tuned set"])
-                anchors = [[s[n].reshape(-1) for n in plan.names] for s in self.shared]
-                numels = [x.numel() for x in anchors[0]]
-                self.plans[key] = (plan, anchors, _segments(numels, SEGMENT_ELEMS),
-                                   torch.tensor(numels, dtype=torch.float64))
-            except TransferFastError as exc:  # cached as text: no traceback holds the views
-                self.plans[key] = str(exc)
-        return self.plans[key]
-
-    def _reduce(self, plan: Plan, anchors, calls, cks) -> tuple[torch.Tensor, dict[int, str]]:
-        """(2, K, T, 5) sums: θr and θA read once, each target once; and {k: why} for the
-        targets whose reads failed (their sums are of zeros, to be discarded). The
-        targets' pieces of the next call are read (by a thread: pread and the kernel
-        release the GIL) into one buffer set while the kernel reduces the other:
-        2 x K x SEGMENT_ELEMS elements in flight."""
-        device, backend = self.opts["device"], self.opts["backend"]
-        dtypes = [cks[0].meta(n).dtype for n in plan.names]  # one architecture key: same
-        pad = lambda nbytes: (nbytes + 15) // 16 * 16  # noqa: E731  (aligned typed views)
-        need = max(sum(pad((e - s) * dtypes[t].itemsize) for t, s, e in call) for call in calls)
-        bufs = self._buffers
-        if bufs is None or len(bufs[0]) < len(cks) or bufs[0][0].numel() < need:
-            self._buffers = bufs = [[torch.empty(need, dtype=torch.uint8) for _ in cks]
-                                    for _ in range(2)]
-        broken: dict[int, str] = {}
-
-        def fill(call, buffers) -> list[list[torch.Tensor]]:
-            b_sets = []
-            for k, (ck, buf) in enumerate(zip(cks, buffers)):
-                pieces, offset = [], 0
-                for t, s, e in call:
-                    piece = None
-                    if k not in broken:
-                        try:
-                            piece = ck.read(plan.names[t], s, e, buf[offset:])
-                        except Exception as exc:  # a file cut short under the scan
-                            broken[k] = str(exc) or type(exc).__name__
-                    if piece is None:
-                        piece = buf[offset:offset + (e - s) * dtypes[t].itemsize].view(dtypes[t])
-                        piece.zero_()
-                    pieces.append(piece.to(device))
-                    offset += pad(piece.numel() * piece.element_size())
-                b_sets.append(pieces)
-            return b_sets
-
-        out = torch.zeros(2, len(cks), len(plan.names), 5, dtype=torch.float64)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as reader:
-            ahead = reader.submit(fill, calls[0], bufs[0])
-            for i, call in enumerate(calls):
-                b_sets = ahead.result()
-                if i + 1 < len(calls):
-                    ahead = reader.submit(fill, calls[i + 1], bufs[(i + 1) % 2])
-                index = [t for t, _, _ in call]
-                a_sets = [[anc[t][s:e] for t, s, e in call] for anc in anchors]
-                out[:, :, index] += ops.multi_tensor_distance(a_sets, b_sets,
-                                                              backend=backend).cpu()
-        return out, broken
-
-    def run_batch(self, opened: list[tuple[ScanRow, StreamedCheckpoint | None, str]]
-                  ) -> list[ScanRecord]:
-        """Records for one batch; checkpoints that cannot be measured become failed rows."""
-        start = time.perf_counter()
-        records: dict[str, ScanRecord] = {}
-        by_plan: dict[int, tuple] = {}
-        for row, ck, error in opened:
-            entry = self._entry(ck) if ck is not None else error
-            if isinstance(entry, str):
-                records[row.resolved] = self._failed(row, f"{row.path}: {entry}"
-                                                     if ck is not None else entry)
-            else:
-                by_plan.setdefault(id(entry), (entry, []))[1].append((row, ck))
-        for (plan, anchors, calls, numel), members in by_plan.values():
-            self.first_plan = self.first_plan or plan
-            sums, broken = self._reduce(plan, anchors, calls, [ck for _, ck in members])
-            # A NaN/Inf makes its set's sum of squares non-finite: only then look closer.
-            bad = [f"{plan.names[t]} in {self.labels[i]}" for i, t in
-                   (~torch.isfinite(sums[:, 0, :, 3])).nonzero().tolist()
-                   if not torch.isfinite(anchors[i][t]).all()]
-            for k, (row, ck) in enumerate(members):
-                why = broken.get(k) or ck.changed() or (
-                    f"NaN or Inf in {first_few(bad, 3)}" if bad else "")
-                records[row.resolved] = (self._failed(row, why) if why
-                                         else self._record(row, ck, plan, sums[:, k], numel))
-        seconds = (time.perf_counter() - start) / max(1, len(opened))
-        out = []
-        for row, ck, _ in opened:
-            records[row.resolved].seconds = seconds  # the batch, shared evenly
-            out.append(records[row.resolved])
-            if ck is not None:
-                ck.close()
-        return out
-
-    def _record(self, row: ScanRow, ck: StreamedCheckpoint, plan: Plan, sums: torch.Tensor,
-                numel) -> ScanRecord:
-        bad = [n for n, sq in zip(plan.names, sums[0, :, 4].tolist()) if not math.isfinite(sq)]
-        try:
-            bad = [n for n in bad if not torch.isfinite(ck.load(n)).all()]
-        except Exception as exc:  # cut short while NaN/Inf were being named
-            return self._failed(row, str(exc))
-        if bad:
-            return self._failed(row, f"{row.path}: NaN or Inf in {first_few(bad, 3)}")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            res = result_from_sums(sums, plan, numel, metric=self.opts["metric"])
-        return ScanRecord(row.resolved, ck.key, self.anchor_keys, "ok", groups=list(res.groups),
-                          d_random=list(res.d_random), d_pretrained=list(res.d_pretrained),
-                          T=list(res.values), overall=res.overall, options=options(self.opts),
-                          excluded=dict(res.excluded))
-
-    def _failed(self, row: ScanRow, error: str) -> ScanRecord:
-        return _failed(row, error, self.opts, self.anchor_keys)
-
-
-def options(opts: dict) -> dict:
-    """The options a record's numbers depend on (not the backend: all agree)."""
-    return {"metric": opts["metric"], "preset": opts["preset"]}
-
-
-def _failed(row: ScanRow, error: str, opts: dict, anchors: list | None = None) -> ScanRecord:
-    """A checkpoint that could not be measured; retried by the next run."""
-    return ScanRecord(row.resolved, [row.resolved, -1, -1], anchors or [], "failed",
-                      error=error.splitlines()[0] if error else "failed", options=options(opts))
 
 
 def _distributed(backend: str) -> tuple[int, int, torch.device, bool]:
@@ -285,52 +124,84 @@ def _pairs(rows: list[ScanRow]) -> dict[tuple, list[ScanRow]]:
     return groups
 
 
-def _scan_rows(rows: list[ScanRow], folder: RunFolder, opts: dict, batch: int, bar
+def _opened(pool: ThreadPoolExecutor, batches: list[list[ScanRow]], key: str | None):
+    """Each batch's [(row, open checkpoint or None, error)]; the next batch opens in `pool`
+    while this one is read and reduced."""
+    submit = (lambda row: pool.submit(_open, row.path)) if key is None else (  # noqa: E731
+        lambda row: pool.submit(_open, row.path, key))
+    ahead = [submit(row) for row in batches[0]] if batches else []
+    for i, current in enumerate(batches):
+        opened = [(row, *future.result()) for row, future in zip(current, ahead)]
+        if i + 1 < len(batches):
+            ahead = [submit(row) for row in batches[i + 1]]
+        yield opened
+
+
+def _scan_rows(rows: list[ScanRow], folder: RunFolder, opts: dict, budget: int, bar
                ) -> tuple[int, Plan | None]:
     """Measures `rows`, appending each record to the journal; returns how many failed and
     the first plan used."""
     failed, plan = 0, None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+    buffers = Buffers(opts["device"])
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool, \
+            ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="read") as readers:
         for (random, pretrained), pair_rows in _pairs(rows).items():
             try:
-                pair = _PairScan(random, pretrained, opts)
+                pair = PairScan(random, pretrained, opts, budget, SEGMENT_ELEMS)
             except TransferFastError as exc:  # a bad θr/θA fails its rows, not the scan
                 for row in pair_rows:
-                    folder.append(_failed(row, str(exc), opts))
+                    folder.append(failed_record(row, str(exc), opts))
                     bar.update(1)
                 failed += len(pair_rows)
                 continue
-            batches = [pair_rows[i:i + batch] for i in range(0, len(pair_rows), batch)]
-            ahead = [pool.submit(_open, row.path) for row in batches[0]]
-            for i, current in enumerate(batches):
-                opened = [(row, *future.result()) for row, future in zip(current, ahead)]
-                if i + 1 < len(batches):  # the next batch opens while this one reduces
-                    ahead = [pool.submit(_open, row.path) for row in batches[i + 1]]
-                for record in pair.run_batch(opened):
-                    folder.append(record)
-                    failed += record.status != "ok"
-                    bar.update(1)
+            try:
+                k = pair.batch
+                batches = [pair_rows[i:i + k] for i in range(0, len(pair_rows), k)]
+                for records in pair.run(_opened(pool, batches, opts.get("key")), buffers,
+                                        readers, READ_THREADS):
+                    for record in records:
+                        folder.append(record)
+                        failed += record.status != "ok"
+                        bar.update(1)
+            finally:
+                pair.close()
             plan = plan or pair.first_plan
     return failed, plan
 
 
 def scan(finetuned=None, *, random=None, pretrained=None, manifest=None, out,
          preset: str = "auto", metric: str = "l1_mean", backend: str = "auto",
-         max_memory: int | None = None, pairwise: bool = False, plots: bool = True,
-         progress: bool = True) -> ScanResult:
+         groups=None, classifier: str | None = None, key: str | None = None,
+         strict: bool = False, max_memory: int | None = None, pairwise: bool = False,
+         plots: bool = True, progress: bool = True) -> ScanResult:
     """T of every fine-tuned checkpoint in `finetuned` (paths) or `manifest` (a CSV with a
     `path` column, optional `random`/`pretrained` columns and any user columns), into
     the run folder `out`: results.csv, summary.csv, excluded.csv, T_heatmap.png,
     T_curves.png.
 
+    Every checkpoint (fine-tuned, θr, θA) is a file (.safetensors, .pt/.pth/.bin), a
+    Hugging Face model folder or a `*.index.json`; sharded ones are read shard by shard.
+    Differing prefixes ('bert.' in one, none in another) are lined up per architecture.
+    `groups` (a .toml/.json file or a list of {name, pattern}), `classifier`, `strict`
+    go to `make_plan` and `key` picks the wrapped state dict in every torch file, as in
+    `transferability`; all four are recorded in the run folder's options.
+
     Resumable: checkpoints already measured (same resolved path, size and mtime, same
-    θr and θA, same metric and preset) are skipped. A checkpoint that cannot be
-    measured, or that changes while it is read, becomes a `failed` row; the scan goes
-    on. `max_memory` bounds the bytes of targets in flight (default: a quarter of the
-    free RAM, or half the free GPU memory) and so sets K, the targets per batch.
+    θr and θA, same options) are skipped. A checkpoint that cannot be measured, or
+    that changes while it is read, becomes a `failed` row; the scan goes on.
+    `max_memory` bounds the bytes of targets in flight, two host buffers of K targets
+    (pinned on a GPU, whose one device buffer takes half as much again); default: a
+    quarter of the available RAM, at most 1 GiB, and at most half the free GPU memory.
+    It sets K, the targets per batch, and splits a model too large for it into parts;
+    neither changes a number. θr and θA are held packed besides (the plan's tensors).
     The folder is locked while the scan runs: a second scan of it fails at once.
     """
     check_metric(metric)
+    plan_options = {"strict": bool(strict), "key": key, "classifier": classifier}
+    if groups is not None:
+        rules, file_classifier = load_groups(groups)  # a bad file fails before the scan
+        plan_options.update(groups=[list(r) for r in rules],
+                            classifier=classifier if classifier is not None else file_classifier)
     if manifest is not None:
         rows, user_columns = read_manifest(manifest, random, pretrained)
     else:
@@ -342,7 +213,7 @@ def scan(finetuned=None, *, random=None, pretrained=None, manifest=None, out,
         return _scan(rows, user_columns, out, rank, world, device, preset=preset, metric=metric,
                      backend=backend, max_memory=max_memory, pairwise=pairwise, plots=plots,
                      progress=progress, random=random, pretrained=pretrained,
-                     manifest=manifest)
+                     manifest=manifest, plan_options=plan_options)
     finally:
         if started:  # a process group left to interpreter exit aborts in gloo's threads
             import torch.distributed as dist
@@ -350,18 +221,28 @@ def scan(finetuned=None, *, random=None, pretrained=None, manifest=None, out,
             dist.destroy_process_group()
 
 
+def _inputs(rows: list[ScanRow], manifest) -> list:
+    """Every input path, a folder's files included (an --out inside a model folder must not
+    overwrite its config.json)."""
+    paths = [manifest, *(p for r in rows for p in (r.path, r.random, r.pretrained))]
+    inside = [f for p in paths if p is not None and Path(p).is_dir()
+              for f in Path(p).iterdir() if f.is_file()]
+    return paths + inside
+
+
 def _scan(rows, user_columns, out, rank, world, device, *, preset, metric, backend, max_memory,
-          pairwise, plots, progress, random, pretrained, manifest) -> ScanResult:
+          pairwise, plots, progress, random, pretrained, manifest, plan_options) -> ScanResult:
+    opts = {"preset": preset, "metric": metric, "backend": backend, "device": device,
+            **plan_options}
     config = {"preset": preset, "metric": metric, "columns": user_columns,
               "random": str(random) if random else None,
-              "pretrained": str(pretrained) if pretrained else None}
+              "pretrained": str(pretrained) if pretrained else None,
+              **{k: v for k, v in record_options(opts).items() if k not in ("preset", "metric")}}
     folder = RunFolder(out, config, rank)
-    opts = {"preset": preset, "metric": metric, "backend": backend, "device": device}
     error = ""
     if rank == 0:
         try:
-            inputs = [manifest, *(p for r in rows for p in (r.path, r.random, r.pretrained))]
-            refuse_overwriting_inputs(folder.outputs(), inputs)
+            refuse_overwriting_inputs(folder.outputs(), _inputs(rows, manifest))
             folder.prepare()
         except TransferFastError as exc:
             error = str(exc)
@@ -372,12 +253,11 @@ def _scan(rows, user_columns, out, rank, world, device, *, preset, metric, backe
         _agree(world)  # every rank has read the journals before any rank appends to them
         mine = pending[rank::world]
         budget = max_memory or default_memory_budget(device)
-        batch = max(1, min(MAX_BATCH, budget // (2 * SEGMENT_ELEMS * 4)))  # two buffer sets
         bar = tqdm(total=len(mine), unit="ckpt",
                    desc=f"scan rank {rank}" if world > 1 else "scan",
                    disable=None if progress else True)
         try:
-            failed, plan = _scan_rows(mine, folder, opts, batch, bar)
+            failed, plan = _scan_rows(mine, folder, opts, budget, bar)
         finally:
             bar.close()
         failed = _total(world, failed)  # also the barrier before rank 0 reads every journal
@@ -411,10 +291,11 @@ def _total(world: int, count: int) -> int:
 def _is_done(record: ScanRecord | None, row: ScanRow, opts: dict) -> bool:
     """Measured before from the same files under the same options: the checkpoint and
     both anchors unchanged."""
-    if record is None or record.status != "ok" or record.options != options(opts):
+    if record is None or record.status != "ok" or record.options != record_options(opts):
         return False
     try:
-        return (record.key == file_key(row.path)
-                and record.anchors == [file_key(row.random), file_key(row.pretrained)])
-    except OSError:  # gone since it was checked: measuring it again names the problem
+        return (record.key == checkpoint_key(row.path)
+                and record.anchors == [checkpoint_key(row.random),
+                                       checkpoint_key(row.pretrained)])
+    except (OSError, TransferFastError):  # gone since: measuring it again names the problem
         return False

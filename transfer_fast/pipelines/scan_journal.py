@@ -125,6 +125,24 @@ class ScanRecord:
             raise ValueError(bad[0])
 
 
+def record_options(opts: dict) -> dict:
+    """The options a record's numbers depend on (not the backend: all agree); the
+    planning options only when set, so folders made before they existed stay valid."""
+    out = {"metric": opts["metric"], "preset": opts["preset"]}
+    for name in ("groups", "classifier", "key", "strict"):
+        if opts.get(name):
+            out[name] = opts[name]
+    return out
+
+
+def failed_record(row: ScanRow, error: str, opts: dict, anchors: list | None = None
+                  ) -> ScanRecord:
+    """A checkpoint that could not be measured; retried by the next run."""
+    return ScanRecord(row.resolved, [row.resolved, -1, -1], anchors or [], "failed",
+                      error=error.splitlines()[0] if error else "failed",
+                      options=record_options(opts))
+
+
 def read_manifest(manifest: str | Path, random=None, pretrained=None):
     """Rows of a manifest CSV (`path`, optional `random`/`pretrained`, user columns);
     relative paths are taken from the manifest's folder. Returns (rows, user columns)."""
@@ -176,9 +194,10 @@ def validate_rows(rows: list[ScanRow]) -> None:
     missing = sorted(p for p in named if not Path(p).exists())
     if missing:
         problems.append(f"{len(missing)} file(s) do not exist: {first_few(missing)}")
-    odd = sorted(p for p in named if Path(p).exists() and not Path(p).is_file())
+    odd = sorted(p for p in named  # a folder is a Hugging Face checkpoint
+                 if Path(p).exists() and not (Path(p).is_file() or Path(p).is_dir()))
     if odd:
-        problems.append(f"not regular files: {first_few(odd)}")
+        problems.append(f"not regular files or folders: {first_few(odd)}")
     if problems:
         raise TransferFastError("bad scan input: " + "; ".join(problems))
 

@@ -1,7 +1,9 @@
 """T per layer group after every fine-tuning epoch: how the network leaves θA.
 
-One Plan is made before the first epoch; each record is one fused pass over θr,
-θA and the live parameters (`transferability_from_states`), the model not copied.
+One Plan is made before the first epoch, and θr and θA are packed once into a flat
+buffer on the model's device (`PackedAnchors`); each record packs the live parameters
+into a reused buffer (one `_foreach_copy_`) and reduces them with one `packed_distance`
+call.
 θr and θA carry the pre-training head while the fine-tuned model has a new one:
 where the class counts differ the plan leaves the head out by its shape; where
 they agree it is left out by name (`replaced`), since a fresh head has no
@@ -19,11 +21,7 @@ import torch
 from ..errors import TransferFastError
 from ..io.files import write_json
 from ..measure.plan import Plan, make_plan
-from ..measure.transferability import (
-    TransferabilityResult,
-    check_metric,
-    transferability_from_states,
-)
+from ..measure.transferability import PackedAnchors, TransferabilityResult, check_metric
 
 _LABELS = ["random (θr)", "pretrained (θA)", "fine-tuning model"]
 
@@ -71,9 +69,8 @@ class Trajectory:
                 **plan.excluded, **{n: reason for n in replaced}})
         self.plan = plan
         device = next(iter(current.values())).device
-        # Moved once: every record then reads the anchors where the model lives.
-        self._anchors = [{n: s[n].to(device) for n in self.plan.names}
-                         for s in (random, pretrained)]
+        # Packed once where the model lives: every record then packs the model beside them.
+        self._packed = PackedAnchors([random, pretrained], self.plan, device, _LABELS)
         self.metric, self.backend = metric, backend
         self.epochs: list[int] = []
         self.values: list[list[float]] = []  # (epochs, groups)
@@ -81,9 +78,7 @@ class Trajectory:
 
     def record(self, epoch: int, current: Mapping[str, torch.Tensor]) -> TransferabilityResult:
         """Appends T of `current` (the model after `epoch`) per group and overall."""
-        result = transferability_from_states([*self._anchors, current], self.plan,
-                                             metric=self.metric, backend=self.backend,
-                                             labels=_LABELS)
+        result = self._packed.measure(current, metric=self.metric, backend=self.backend)
         self.epochs.append(epoch)
         self.values.append(result.values)
         self.overall.append(result.overall)
