@@ -133,7 +133,9 @@ def _cmd_scan(args) -> int:
     with figure_format(args.format):
         result = scan(args.finetuned, random=args.random, pretrained=args.pretrained,
                       manifest=args.manifest, out=args.out, preset=args.preset,
-                      metric=args.metric, backend=args.backend, max_memory=args.max_memory,
+                      metric=args.metric, backend=args.backend, groups=args.groups,
+                      classifier=args.classifier, key=args.key, strict=args.strict,
+                      max_memory=args.max_memory,
                       pairwise=args.pairwise, plots=not args.no_plots,
                       progress=not args.no_progress)
     failed = sum(r.status != "ok" for r in result.records)
@@ -364,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_cmd_measure)
 
     sc = command("scan", "T of many fine-tuned checkpoints into a resumable run folder")
-    sc.add_argument("finetuned", nargs="*", help="fine-tuned checkpoints (or --manifest)")
+    sc.add_argument("finetuned", nargs="*", help="fine-tuned checkpoints: files, Hugging Face "
+                                                 "model folders or *.index.json (or --manifest)")
     sc.add_argument("-r", "--random", help="random init θr (default: a 'random' manifest "
                                            "column)")
     sc.add_argument("-a", "--pretrained", help="pre-trained θA (default: a 'pretrained' "
@@ -375,9 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: the checkpoints given as arguments)")
     sc.add_argument("-o", "--out", required=True, help="run folder; rerunning it resumes")
     measure_options(sc, "(per tensor, averaged per group)")
+    selection_options(sc)
     sc.add_argument("--max-memory", type=_bytes, default=None, metavar="SIZE",
-                    help="bytes of fine-tuned tensors in flight, e.g. 512M (sets the batch "
-                         "size K; default a quarter of free RAM or half of free GPU memory)")
+                    help="bytes of fine-tuned checkpoints in flight, e.g. 512M: two host "
+                         "buffers of K checkpoints (a GPU holds half as much again); sets K "
+                         "and splits a model too large into parts (default: the smallest of "
+                         "a quarter of free RAM, 1 GiB and half the free GPU memory)")
     sc.add_argument("--pairwise", action="store_true",
                     help="also the cosine/L2 matrix of the fine-tuning updates")
     figure_format(sc)

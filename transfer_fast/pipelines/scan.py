@@ -26,6 +26,7 @@ from ..io.sharded import checkpoint_key, open_streamed
 from ..measure.plan import Plan
 from ..measure.presets import load_groups
 from ..measure.transferability import check_metric
+from .manifest_columns import SCAN_RESERVED, check_user_columns
 from .scan_journal import (
     RunFolder,
     ScanRecord,
@@ -204,6 +205,7 @@ def scan(finetuned=None, *, random=None, pretrained=None, manifest=None, out,
                             classifier=classifier if classifier is not None else file_classifier)
     if manifest is not None:
         rows, user_columns = read_manifest(manifest, random, pretrained)
+        check_user_columns(user_columns, SCAN_RESERVED, manifest)
     else:
         rows = [ScanRow.of(p, random, pretrained) for p in (finetuned or [])]
         user_columns = []
@@ -266,7 +268,8 @@ def _scan(rows, user_columns, out, rank, world, device, *, preset, metric, backe
             from .scan_outputs import write_outputs
 
             write_outputs(folder, rows, user_columns, records, pairwise=pairwise, plots=plots,
-                          preset=preset, backend=backend)
+                          preset=preset, backend=backend,
+                          selection=plan_options)
         _agree(world)
     finally:
         folder.release()

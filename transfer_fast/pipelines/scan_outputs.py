@@ -57,11 +57,12 @@ def row_labels(rows: Sequence[ScanRow]) -> list[str]:
 def write_outputs(folder: RunFolder, rows: list[ScanRow], user_columns: list[str],
                   records: dict[str, ScanRecord], *, pairwise: bool = False,
                   plots: bool = True, preset: str = "auto", backend: str = "auto",
-                  fmt: str | None = None) -> None:
+                  fmt: str | None = None, selection: dict | None = None) -> None:
     """results.csv, summary.csv and excluded.csv, then T_heatmap and T_curves of the
     measured checkpoints that share the most common grouping (unless `plots` is off),
     and pairwise.csv and the pairwise figure if asked. Figures are saved as `fmt`
-    (png, pdf or svg; default: the enclosing `figure_format`, else png)."""
+    (png, pdf or svg; default: the enclosing `figure_format`, else png); `selection`
+    (groups, classifier, key, strict) is the scan's, for the pairwise view."""
     folder.write_tables(rows, user_columns, records)
     ok = [(r, records[r.resolved]) for r in rows
           if r.resolved in records and records[r.resolved].status == "ok"]
@@ -82,6 +83,7 @@ def write_outputs(folder: RunFolder, rows: list[ScanRow], user_columns: list[str
         members = [(row, label) for (row, _), label in zip(same, labels)
                    if row.pretrained == reference][:MAX_PAIRWISE]
         sim = similarity([row.path for row, _ in members], reference, preset=preset,
-                         backend=backend, labels=[label for _, label in members])
+                         backend=backend, labels=[label for _, label in members],
+                         **(selection or {}))
         sim.write_csv(folder.out / "pairwise.csv")
         sim.plot(figure_path(folder.out, "pairwise", fmt))
