@@ -142,7 +142,7 @@ def test_load_model_mismatches_name_checkpoint_and_tensors(tmp_path):
     save_file(extra, str(tmp_path / "extra.safetensors"))
     with pytest.raises(TransferFastError, match="1 unexpected: 'extra.scale'"):
         load_model("resnet18", tmp_path / "extra.safetensors")
-    save_file({"body.weight": torch.ones(3, 3)}, str(tmp_path / "headless.safetensors"))
+    save_file({"body.weight": torch.ones(3, 3, 3, 3)}, str(tmp_path / "headless.safetensors"))
     with pytest.raises(TransferFastError, match="headless.safetensors: cannot tell the number "
                                                 "of classes"):
         load_model("resnet18", tmp_path / "headless.safetensors")

@@ -19,6 +19,7 @@ from torch import nn
 from .. import ops
 from ..errors import TransferFastError, check_labels, first_few
 from .feature_state import FeatureState
+from .presets import find_head
 from .stats import ChannelStats, CovarianceStats
 
 MAX_PARTS = 64  # batches kept per layer before they are merged
@@ -35,9 +36,12 @@ def batchnorm_layers(model: nn.Module) -> list[str]:
 
 
 def penultimate_layer(model: nn.Module) -> str | None:
-    """Name of the last nn.Linear (its input is the penultimate features), or None."""
-    linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return linear[-1] if linear else None
+    """The classifier module (presets.find_head), whose input is the penultimate
+    features; None for a model without an nn.Linear."""
+    try:
+        return find_head(model)[0]
+    except TransferFastError:
+        return None
 
 
 @dataclass

@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 
+from torch import nn
+
 from ..errors import TransferFastError
 from ..io.names import natural_key
 
@@ -88,6 +90,31 @@ def classifier_name(names: Sequence[str], shapes: Mapping[str, Sequence[int]]) -
         if best_key is None or key > best_key:
             best_key, best = key, module
     return best
+
+
+# The module rule: what a model's classifier is, for training and for the feature hooks
+# (the names rule above reads checkpoints; a model's head is its last nn.Linear).
+def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Linear]:
+    """The classifier of a model: the module `name`, else the last nn.Linear in registration
+    order (its input is the penultimate features).
+
+    Raises:
+        TransferFastError: no such module, not an nn.Linear, or no nn.Linear at all.
+    """
+    if name is not None:
+        try:
+            head = model.get_submodule(name)
+        except AttributeError as exc:
+            raise TransferFastError(f"the model has no submodule {name!r}") from exc
+        if not isinstance(head, nn.Linear):
+            raise TransferFastError(f"head {name!r} is a {type(head).__name__}, not nn.Linear")
+        return name, head
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise TransferFastError(f"{type(model).__name__} has no nn.Linear classifier to "
+                                "replace; name it with head=...")
+    return linears[-1]
+
 
 
 # ----- order inside a group ------------------------------------------------------------

@@ -13,6 +13,7 @@ from torch import nn
 from ..errors import TransferFastError
 from ..io.checkpoints import load_state
 from ..io.files import save_tensors, write_json
+from ..measure.presets import find_head
 from .batches import Data
 from .config import FINETUNING, PRETRAINING, TrainConfig
 from .loop import RANDOM, TrainingRun, TrainResult
@@ -22,23 +23,6 @@ ModelFn = Callable[[], nn.Module]
 EpochHook = Callable[[dict], None]
 
 __all__ = ["TrainResult", "finetune", "find_head", "pretrain", "replace_head"]
-
-
-def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Linear]:
-    """The classifier: the module `name`, else the last nn.Linear in registration order."""
-    if name is not None:
-        try:
-            head = model.get_submodule(name)
-        except AttributeError as exc:
-            raise TransferFastError(f"the model has no submodule {name!r}") from exc
-        if not isinstance(head, nn.Linear):
-            raise TransferFastError(f"head {name!r} is a {type(head).__name__}, not nn.Linear")
-        return name, head
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise TransferFastError(f"{type(model).__name__} has no nn.Linear classifier to "
-                                "replace; name it with head=...")
-    return linears[-1]
 
 
 def replace_head(model: nn.Module, num_classes: int, name: str | None = None) -> str:

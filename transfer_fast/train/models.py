@@ -17,8 +17,7 @@ from torch import nn
 
 from ..errors import TransferFastError, first_few
 from ..io.checkpoints import StateSource, load_state
-
-_HEADS = ("fc.weight", "classifier.weight", "head.weight")
+from ..measure.presets import classifier_name
 
 
 class BasicBlock(nn.Module):
@@ -205,11 +204,9 @@ def _shallowest(names: list[str], last: bool) -> str | None:
 
 
 def infer_num_classes(state: dict[str, torch.Tensor]) -> int | None:
-    """Outputs of the classifier: a 2-D '...fc/classifier/head.weight' tensor, or None."""
-    heads = [n for n, t in state.items() if t.dim() == 2
-             and any(n == h or n.endswith("." + h) for h in _HEADS)]
-    name = _shallowest(heads, last=True)
-    return None if name is None else state[name].shape[0]
+    """Outputs of the classifier that `presets.classifier_name` finds, or None."""
+    head = classifier_name(list(state), {n: tuple(t.shape) for n, t in state.items()})
+    return None if head is None else state[f"{head}.weight"].shape[0]
 
 
 def infer_in_channels(state: dict[str, torch.Tensor]) -> int | None:
@@ -250,8 +247,8 @@ def load_model(arch: str, checkpoint: StateSource, *, num_classes: int | None = 
         num_classes = infer_num_classes(state)
         if num_classes is None:
             raise TransferFastError(
-                f"{origin}: cannot tell the number of classes (no 2-D tensor named "
-                f"{', '.join(_HEADS)}); give num_classes")
+                f"{origin}: cannot tell the number of classes (no classifier among its "
+                "tensors); give num_classes")
     if in_channels is None:
         in_channels = infer_in_channels(state) or 3
     model = build_model(arch, num_classes, in_channels=in_channels)
