@@ -26,6 +26,7 @@ from ..io.sharded import checkpoint_key, open_streamed
 from ..measure.plan import Plan
 from ..measure.presets import load_groups
 from ..measure.transferability import check_metric
+from ..ops.devices import resolve_device
 from .manifest_columns import SCAN_RESERVED, check_user_columns
 from .scan_journal import (
     RunFolder,
@@ -90,7 +91,8 @@ def _open(path: str, key: str | None = None):
 def _distributed(backend: str) -> tuple[int, int, torch.device, bool]:
     """(rank, world size, device, whether this call started the process group) under
     torchrun, or (0, 1, device, False) for one process."""
-    use_cuda = backend == "cuda" or (backend == "auto" and torch.cuda.is_available())
+    choice = {"cuda": "cuda", "auto": "auto"}.get(backend, "cpu")
+    use_cuda = resolve_device(choice, what="--backend").type == "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, started = 0, False
     if world > 1:
