@@ -84,7 +84,9 @@ class FeatureStats:
     a batch is added only once checked, by the next update() or by any read of the
     statistics (`layers`, `state`, `samples`, `save`, ...). A bad batch raises there;
     an update() that raises for the batch before it does not add its own batch either,
-    so passing that batch again is always safe.
+    so passing that batch again is always safe. Also on a GPU, the statistics kernels
+    run on a second stream beside the rest of the forward pass (SIDE_STREAM); the batch
+    waits for them before its flag is taken.
     """
 
     def __init__(self, model: nn.Module, modules: Sequence[str] | None = None, *,

@@ -4,8 +4,9 @@
 plain float32 loop. These follow the kernels' own recipe with a few large torch ops
 instead, and make no float64 copy of the data:
 
-- distances: the tensors are staged, about a million elements per set at a time, into
-  one reused buffer where each tensor starts on a block of BLOCK (1024) elements. Per
+- distances: the tensors are staged, a chunk of CHUNK_BYTES (all sets and differences
+  together) at a time, into one reused buffer where each tensor starts on a block of
+  BLOCK (1024) elements; the views of every chunk are planned once per list of shapes. Per
   chunk, one `bmm` gives every set's sum of squares and every (anchor, target) dot
   product per block (the blocks' Gram matrices); the differences a - b of every pair,
   written once into a reused buffer, give the sums of (a - b)^2 (a 2-norm) and, taken
