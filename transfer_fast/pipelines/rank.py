@@ -134,7 +134,7 @@ def rank(candidates: list[Candidate], data: str | Path, *, out: str | Path,
 
 def _rank(candidates, data, out: Path, image_size, batch_size, device, backend, plots,
           progress) -> RankResult:
-    done = {r["key"][0]: r for r in journal.read(out / "journal.jsonl")}
+    done = {r["key"][0]: r for _, r in journal.read(out / "journal.jsonl", "rank record")}
     cache: dict[int | None, LoadedData] = {}
     records = []
     for c in tqdm(candidates, desc="models", unit="model", disable=None if progress else True):

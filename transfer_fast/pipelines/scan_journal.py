@@ -12,7 +12,6 @@ replaced atomically, so a resumed run writes the same tables as an uninterrupted
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import time
@@ -21,6 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import TransferFastError, first_few
+from ..io import journal
 from ..io.files import write_csv
 from ..io.runfolder import Claim, claim
 
@@ -209,7 +209,6 @@ class RunFolder:
         self.out = Path(out)
         self.config = {"journal_format": JOURNAL_FORMAT, **config}
         self.journal = self.out / f"journal.rank{rank}.jsonl"
-        self._repaired = False
         self._claim: Claim | None = None
 
     def prepare(self) -> None:
@@ -233,55 +232,24 @@ class RunFolder:
         """The latest record of every checkpoint (by resolved path), from every rank's
         journal; TransferFastError naming the file and line of anything corrupt."""
         latest: dict[str, ScanRecord] = {}
-        for journal in sorted(self.out.glob("journal.rank*.jsonl")):
-            try:
-                data = journal.read_bytes()
-            except OSError as exc:
-                raise TransferFastError(f"{journal}: unreadable ({exc.strerror})") from exc
-            lines = data.split(b"\n")[:-1]  # the part after the last newline is torn
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
+        for path in sorted(self.out.glob("journal.rank*.jsonl")):
+            for number, raw in journal.read(path, "scan record"):
                 try:
-                    record = ScanRecord.from_json(json.loads(line.decode("utf-8")))
-                except UnicodeDecodeError:
-                    raise TransferFastError(f"{journal}: line {number} is not UTF-8 text: the "
-                                            "run folder is corrupt; choose another --out or "
-                                            "delete that file") from None
-                except (ValueError, TypeError, RecursionError) as exc:
-                    raise TransferFastError(f"{journal}: line {number} is not a scan record "
-                                            f"({str(exc)[:80]}): the run folder is corrupt; "
-                                            "choose another --out or delete that file") from None
+                    record = ScanRecord.from_json(raw)
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                    raise TransferFastError(
+                        f"{path}: line {number} is not a scan record ({str(exc)[:80]}): the "
+                        "run folder is corrupt; choose another --out or delete that file"
+                    ) from None
                 old = latest.get(record.path)
                 if old is None or record.time >= old.time:
                     latest[record.path] = record
         return latest
 
-    def _repair(self) -> None:
-        """Cuts a torn last line (a killed write) so the next record starts on its own line."""
-        self._repaired = True
-        if not self.journal.exists():
-            return
-        with open(self.journal, "rb+") as f:
-            data = f.read()
-            if data and not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
-
     def append(self, record: ScanRecord) -> None:
         """Adds one finished checkpoint to this rank's journal, durably (one write)."""
-        if not self._repaired:
-            self._repair()
         record.time = time.time_ns()
-        line = (json.dumps(record.to_json()) + "\n").encode()
-        try:
-            fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, line)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise TransferFastError(f"{self.journal}: cannot write ({exc.strerror})") from exc
+        journal.append(self.journal, record.to_json())
 
     def write_tables(self, rows: Iterable[ScanRow], user_columns: list[str],
                      records: dict[str, ScanRecord]) -> tuple[Path, Path]:
