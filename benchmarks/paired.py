@@ -1,7 +1,7 @@
 """Cross-check of the pytest-benchmark ratios, robust to a machine whose speed drifts.
 
     .venv/bin/python -m benchmarks.paired [--rounds 40] [--device cpu]
-        [--workloads resnet50 small2000] [--entries op packed op_torch]
+        [--workloads resnet50 small2000] [--entries op packed op_torch op_torch_l1]
 
 pytest-benchmark times each entry on its own, one after the other, so a change of
 memory bandwidth between entries (a shared VM) moves the ratios. Here every round
@@ -10,7 +10,8 @@ so a steady drift cancels) and each ratio is taken within the round; the quartil
 the per-round ratios are printed. Same functions as test_distance_speed.py.
 
 Goals on the CPU: op and packed at least 85% of the roofline on ResNet-50 and 60% on
-small2000; op_torch (the pure-torch fallback) at least 1.00x naive_loop.
+small2000; the pure-torch fallback at least 1.00x naive_loop (op_torch_l1 computes
+what naive_loop computes, op_torch all five sums).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--device", choices=DEVICES, default=DEVICES[-1])
     parser.add_argument("--workloads", nargs="+", default=["resnet50", "small2000"])
-    parser.add_argument("--entries", nargs="+", default=["op", "packed", "op_torch"])
+    parser.add_argument("--entries", nargs="+",
+                        default=["op", "packed", "op_torch", "op_torch_l1"])
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}, "
           f"{args.rounds} rounds; cells: q1 / median / q3 of baseline_time / entry_time "

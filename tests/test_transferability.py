@@ -77,15 +77,26 @@ def test_zero_norm_tensors_leave_cosine_groups_instead_of_making_them_nan():
     assert got.values[1] == pytest.approx((w[0] / w[1]).item(), rel=1e-5)
 
 
-def test_nan_and_inf_are_named_with_their_set():
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("metric", sorted(METRICS))
+def test_nan_and_inf_are_named_with_their_set(metric, backend):
+    """Each metric reads (and checks) only its own sums; every one of them names the set."""
     r, a, b = testing.triple(testing.resnet_shapes(18))
     b["layer3.1.conv2.weight"][0, 0, 0, 0] = float("nan")
     with pytest.raises(TransferFastError, match=r"layer3\.1\.conv2\.weight in finetuned"):
-        transferability(r, a, b)
+        transferability(r, a, b, metric=metric, backend=backend)
     r2, a2, b2 = testing.triple(testing.resnet_shapes(18))
     a2["conv1.weight"][1, 0, 0, 0] = float("inf")
     with pytest.raises(TransferFastError, match=r"conv1\.weight in pretrained"):
-        transferability(r2, a2, b2)
+        transferability(r2, a2, b2, metric=metric, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_squares_that_overflow_float32_are_a_warning_naming_the_pair(backend):
+    r, a, b = testing.triple(testing.resnet_shapes(18))
+    b["layer4.0.conv1.weight"][0, 0, 0, 0] = 1e25  # finite, its square is not
+    with pytest.warns(RuntimeWarning, match=r"overflowed for layer4\.0\.conv1\.weight between"):
+        transferability(r, a, b, metric="l2", backend=backend)
 
 
 def test_zero_denominator_gives_inf_and_a_warning_not_a_crash():

@@ -6,8 +6,8 @@ import torch
 from conftest import DEVICES
 
 from transfer_fast import TransferFastError, ops
+from transfer_fast.ops import SUM_NAMES, fallback, packed
 from transfer_fast.ops import _library as _ext
-from transfer_fast.ops import fallback, packed
 
 BLOCK = fallback.BLOCK
 EDGE_SIZES = [0, 1, 3, 8, 31, 1023, 1024, 1025, 3 * BLOCK + 5, 70_000, 300_007]
@@ -57,18 +57,65 @@ def test_edge_sizes_and_several_targets_match_float64(device):
     assert (got[:, :, 0] == 0).all()
 
 
-def test_error_at_most_about_twice_the_kernels():
-    """θr, θA far apart and θB near θA, like a transferability call; summed over tensors."""
+@pytest.mark.parametrize("sums", [None, ("abs_diff",), ("abs_diff", "sq_diff")])
+def test_error_at_most_about_twice_the_kernels(sums):
+    """θr, θA far apart and θB near θA, like a transferability call; summed over tensors.
+    The difference sums alone take the in-place route for the large tensors."""
     if not _ext.has_kernel("CPU"):
         pytest.skip("compiled kernels not built")
     sizes = [9408, 64, 64, 36864, 147456, 16384, 2_359_296, 2048, 1000, 5000]
     r, a = make_sets(sizes, 2, seed=2)
     b = make_sets(sizes, 1, seed=3, near=a)[0]
-    ours = relative_error(ops.multi_tensor_distance([r, a], [b], backend="torch"), [r, a], [b])
+    got = ops.multi_tensor_distance([r, a], [b], backend="torch", sums=sums)
+    ours = relative_error(got, [r, a], [b])
     kernel = relative_error(ops.multi_tensor_distance([r, a], [b], backend="cpu"), [r, a], [b])
-    for column in range(5):
+    for column in columns(sums):
         o, k = ours[..., column].mean(), kernel[..., column].mean()
         assert o <= 2 * k + 1e-9, (column, float(o), float(k))
+
+
+def columns(sums):
+    return [SUM_NAMES.index(name) for name in sums] if sums else list(range(5))
+
+
+# In-place route: at the threshold, over several slices with a partial last block,
+# next to small (staged) tensors.
+IN_PLACE_SIZES = [fallback.IN_PLACE_NUMEL, fallback.SLICE + 7, 300_007, 5, 1025, 0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sums", [("abs_diff",), ("sq_diff",), ("sq_diff", "abs_diff")])
+def test_difference_sums_alone_match_float64_and_leave_the_rest_nan(device, sums):
+    anchors = make_sets(IN_PLACE_SIZES, 2, device=device)
+    targets = make_sets(IN_PLACE_SIZES, 2, device=device, seed=1)
+    anchors[1][0] = anchors[1][0].reshape(256, -1).t()  # a view: read through a copy
+    targets[1][2] = targets[1][2].half()  # another dtype: staged (widened exactly)
+    got = ops.multi_tensor_distance(anchors, targets, backend="torch", sums=sums)
+    assert got.shape == (2, 2, len(IN_PLACE_SIZES), 5) and got.device.type == device
+    asked, others = columns(sums), [c for c in range(5) if c not in columns(sums)]
+    assert (relative_error(got, anchors, targets)[..., asked] < 1e-6).all()
+    assert got[..., others].isnan().all()
+    assert (got[:, :, -1, asked] == 0).all()  # the empty tensor
+
+
+def test_difference_sums_refuse_unequal_sizes_naming_the_tensor():
+    anchors = make_sets([fallback.IN_PLACE_NUMEL, 7], 1)
+    with pytest.raises(TransferFastError, match="tensor 0: .* target set 0 has"):
+        ops.multi_tensor_distance(anchors, [[torch.zeros(5), torch.zeros(7)]],
+                                  backend="torch", sums=("abs_diff",))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_sums_not_asked_for_are_nan_on_every_backend(backend):
+    if backend == "cpu" and not _ext.has_kernel("CPU"):
+        pytest.skip("compiled kernels not built")
+    anchors, targets = make_sets([100, 3], 1), make_sets([100, 3], 1, seed=4)
+    got = ops.multi_tensor_distance(anchors, targets, backend=backend, sums=["dot", "target_sq"])
+    exact = exact_sums(anchors, targets)
+    torch.testing.assert_close(got[..., [2, 4]], exact[..., [2, 4]], rtol=1e-6, atol=1e-6)
+    assert got[..., [0, 1, 3]].isnan().all()
+    with pytest.raises(TransferFastError, match="sums must name some of"):
+        ops.multi_tensor_distance(anchors, targets, backend=backend, sums=["l1"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import backend_of
 
+from transfer_fast import TransferFastError
 from transfer_fast.ops import _library as _ext
 from transfer_fast.ops import packed
 
@@ -109,7 +110,7 @@ def test_pack_copies_host_tensors_into_a_device_buffer():
 
 def test_explicit_backend_on_the_wrong_device_is_refused():
     layout = PackedLayout.from_shapes([(3,)])
-    with pytest.raises(RuntimeError, match="backend 'cuda' cannot reduce buffers on cpu"):
+    with pytest.raises(TransferFastError, match="backend 'cuda' cannot reduce buffers on cpu"):
         packed_distance(layout.new_buffer(1), layout.new_buffer(1), layout, backend="cuda")
 
 

@@ -48,24 +48,55 @@ METRICS = {
 }
 
 
+# The sums (of ops.SUM_NAMES) each metric reads: the op computes only these where
+# that saves work (the pure-torch fallback), and only these are checked for NaN/Inf.
+METRIC_SUMS = {
+    "l1_mean": frozenset({"abs_diff"}),
+    "l2": frozenset({"sq_diff"}),
+    "rms": frozenset({"sq_diff"}),
+    "rel_l2": frozenset({"sq_diff", "target_sq"}),
+    "cosine": frozenset({"dot", "anchor_sq", "target_sq"}),
+}
+SQUARES = frozenset({"anchor_sq", "target_sq"})
+
+
 def check_metric(metric: str) -> None:
     if metric not in METRICS:
         raise TransferFastError(f"unknown metric {metric!r}: expected one of {tuple(METRICS)}")
 
 
+def _columns(wanted: frozenset[str]) -> list[int]:
+    return [i for i, name in enumerate(ops.SUM_NAMES) if name in wanted]
+
+
+def _all_finite(sums: torch.Tensor, wanted: frozenset[str]) -> bool:
+    return bool(torch.isfinite(sums[..., _columns(wanted)]).all())
+
+
 def _check_finite(sums: torch.Tensor, sets: list[list[torch.Tensor]], labels: list[str],
-                  names: Sequence[str]) -> list[str]:
-    """Names the tensors holding NaN/Inf. A non-finite value makes its set's sum of
-    squares non-finite, so only those tensors are scanned again. Finite tensors whose
-    squares overflowed float32 (|x| > ~1e19) are returned as warnings."""
-    squares = torch.cat([sums[:, 0, :, 3], sums[0, :, :, 4]])
-    bad = (~torch.isfinite(squares)).nonzero().tolist()
-    found = [f"{names[t]} in {labels[s]}" for s, t in bad
+                  names: Sequence[str], wanted: frozenset[str]) -> list[str]:
+    """Names the tensors holding NaN/Inf, from the sums (A, K, T, 5) of the `wanted`
+    columns: a non-finite value makes every sum it enters non-finite, so only the
+    tensors of those sums are scanned again. Sums that overflowed float32 blocks
+    (|x| > ~1e19 squared) with finite inputs are returned as warnings."""
+    if _all_finite(sums, wanted):
+        return []
+    num_anchors = sums.shape[0]
+    if SQUARES <= wanted:  # each set's own sum of squares points at the set
+        squares = torch.cat([sums[:, 0, :, 3], sums[0, :, :, 4]])
+        bad = [((s, t),) for s, t in (~torch.isfinite(squares)).nonzero().tolist()]
+        places = {pair: f"{names[pair[0][1]]} in {labels[pair[0][0]]}" for pair in bad}
+    else:  # a pair's sum: either of its two sets
+        pairs = (~torch.isfinite(sums[..., _columns(wanted)])).any(-1).nonzero().tolist()
+        bad = [((i, t), (num_anchors + k, t)) for i, k, t in pairs]
+        places = {pair: f"{names[pair[0][1]]} between {labels[pair[0][0]]} and "
+                        f"{labels[pair[1][0]]}" for pair in bad}
+    suspects = dict.fromkeys(place for pair in bad for place in pair)
+    found = [f"{names[t]} in {labels[s]}" for s, t in suspects
              if not torch.isfinite(sets[s][t]).all()]
     if found:
         raise TransferFastError(f"NaN or Inf in {len(found)} tensor(s): {first_few(found, 3)}")
-    return [f"sum of squares overflowed for {names[t]} in {labels[s]}: l2-type metrics "
-            "are inf there" for s, t in bad]
+    return [f"sums overflowed for {places[pair]}: the metric is inf there" for pair in bad]
 
 
 @dataclass
@@ -90,8 +121,9 @@ def layer_distances(a: StateSource, b: StateSource, *,
     states = align_states([load_state(a), load_state(b)], labels)
     plan = make_plan(states, "generic", labels=labels)
     sets = [[s[n] for n in plan.names] for s in states]
-    sums = ops.multi_tensor_distance([sets[0]], [sets[1]], backend=backend)[0, 0]
-    for note in _check_finite(sums[None, None], sets, ["first set", "second set"], plan.names):
+    wanted = frozenset().union(*(METRIC_SUMS[m] for m in metrics))
+    sums = ops.multi_tensor_distance([sets[0]], [sets[1]], backend=backend, sums=wanted)[0, 0]
+    for note in _check_finite(sums[None, None], sets, labels, plan.names, wanted):
         warnings.warn(note, RuntimeWarning, stacklevel=2)
     numel = torch.tensor([t.numel() for t in sets[0]], dtype=torch.float64, device=sums.device)
     values = {m: METRICS[m](sums, numel).tolist() for m in metrics}
@@ -178,8 +210,10 @@ def transferability_from_states(states: Sequence[dict[str, torch.Tensor]],
     sets = [[s[n] for n in plan.names] for s in states]
     device = sets[2][0].device  # compare where the fine-tuned set lives
     sets = [[t.to(device) for t in s] for s in sets]
-    sums = ops.multi_tensor_distance(sets[:2], sets[2:], backend=backend)  # (2, 1, T, 5)
-    notes = _check_finite(sums, sets, labels, plan.names)
+    wanted = METRIC_SUMS[metric]
+    sums = ops.multi_tensor_distance(sets[:2], sets[2:], backend=backend,
+                                     sums=wanted)  # (2, 1, T, 5)
+    notes = _check_finite(sums, sets, labels, plan.names, wanted)
     numel = torch.tensor([t.numel() for t in sets[0]], dtype=torch.float64)
     return result_from_sums(sums[:, 0].cpu(), plan, numel, metric=metric, notes=notes)
 
@@ -233,11 +267,13 @@ class PackedAnchors:
         except ValueError:
             self._check(state)
             raise
-        sums = ops.packed_distance(self.anchors, self._target, self.layout, backend=backend)
+        wanted = METRIC_SUMS[metric]
+        sums = ops.packed_distance(self.anchors, self._target, self.layout, backend=backend,
+                                   sums=wanted)
         notes = []
-        if not torch.isfinite(sums[..., 3:]).all():  # name the NaN/Inf (or overflow)
+        if not _all_finite(sums, wanted):  # name the NaN/Inf (or overflow)
             sets = [*(self.layout.unpack(row) for row in self.anchors), tensors]
-            notes = _check_finite(sums, sets, self.labels, self.plan.names)
+            notes = _check_finite(sums, sets, self.labels, self.plan.names, wanted)
         return result_from_sums(sums[:, 0].cpu(), self.plan, self.numel, metric=metric,
                                 notes=notes)
 

@@ -10,7 +10,7 @@ import functools
 import itertools
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -20,6 +20,8 @@ from . import _fake, _library, fallback, reference  # noqa: F401  (_fake registe
 BACKENDS = ("auto", "cuda", "cpu", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
+SUM_NAMES = reference.SUM_NAMES
+ALL_SUMS = frozenset(SUM_NAMES)
 
 
 def backend_status() -> dict[str, str]:
@@ -36,12 +38,32 @@ def backend_status() -> dict[str, str]:
     return status
 
 
+def sum_columns(sums: Collection[str] | None) -> frozenset[str]:
+    """The checked set of sum names a caller asks for (None: all of SUM_NAMES)."""
+    if sums is None:
+        return ALL_SUMS
+    wanted = frozenset([sums] if isinstance(sums, str) else sums)
+    unknown = sorted(wanted - ALL_SUMS)
+    if unknown or not wanted:
+        raise TransferFastError(f"sums must name some of {SUM_NAMES}, got {sums!r}")
+    return wanted
+
+
+def keep_columns(out: torch.Tensor, wanted: frozenset[str]) -> torch.Tensor:
+    """`out` (..., 5) with the columns not in `wanted` set to NaN, so a result reads the
+    same whichever backend computed it (the kernels compute all five in one pass)."""
+    if wanted != ALL_SUMS:
+        out[..., [i for i, name in enumerate(SUM_NAMES) if name not in wanted]] = torch.nan
+    return out
+
+
 def _pure_torch(anchors: Sequence[Sequence[torch.Tensor]],
-                targets: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+                targets: Sequence[Sequence[torch.Tensor]], wanted: frozenset[str]
+                ) -> torch.Tensor:
     """Distances without a kernel: fallback.py for floating tensors on one device."""
     device = anchors[0][0].device
     if all(x.is_floating_point() and x.device == device for s in (*anchors, *targets) for x in s):
-        return fallback.multi_tensor_distance(anchors, targets)
+        return fallback.multi_tensor_distance(anchors, targets, wanted)
     return reference.multi_tensor_distance(anchors, targets)
 
 
@@ -50,11 +72,26 @@ def multi_tensor_distance(
     targets: Sequence[Sequence[torch.Tensor]],
     *,
     backend: str = "auto",
+    sums: Collection[str] | None = None,
 ) -> torch.Tensor:
     """Fused sums for every (anchor set, target set, tensor) in one pass over the data.
 
-    anchors: A sets of T tensors (e.g. [θr, θA]); targets: K sets of the same T shapes.
-    Returns float64 (A, K, T, 5): sum|a-b|, sum (a-b)^2, sum a*b, sum a^2, sum b^2.
+    Args:
+        anchors: A sets of T tensors (e.g. [θr, θA]).
+        targets: K sets of the same T shapes (element counts).
+        backend: "auto" (the compiled kernel of the tensors' device, else pure torch),
+            "cpu"/"cuda" (that kernel, or an error), "torch" (pure torch).
+        sums: the names (of SUM_NAMES) the caller needs, default all. The other
+            columns are NaN. The kernels compute all five in one pass whatever is
+            asked; the pure-torch fallback skips what is not asked for, and for the
+            difference sums alone (the l1 and l2 metrics) reads large tensors in
+            place, which makes it faster than a plain per-tensor loop.
+    Returns:
+        float64 (A, K, T, 5): sum|a-b|, sum (a-b)^2, sum a*b, sum a^2, sum b^2.
+    Raises:
+        TransferFastError: unequal set sizes or shapes, an unknown backend or sum name,
+            or a backend that cannot reduce tensors on their device.
+
     Mixed dtypes and non-contiguous views are copied to a common dtype (exactly) and
     contiguous memory first; other dtypes (integers, float8) or tensors on several
     devices are reduced by `reference.py`. backend="torch", or no compiled kernel for
@@ -62,6 +99,14 @@ def multi_tensor_distance(
     """
     if backend not in BACKENDS:
         raise TransferFastError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    wanted = sum_columns(sums)
+    return keep_columns(_distance(anchors, targets, backend, wanted), wanted)
+
+
+def _distance(anchors: Sequence[Sequence[torch.Tensor]],
+              targets: Sequence[Sequence[torch.Tensor]], backend: str,
+              wanted: frozenset[str]) -> torch.Tensor:
+    """multi_tensor_distance's routing: a kernel, the fallback or the reference."""
     num_tensors = len(anchors[0]) if anchors else 0
     for role, sets in (("anchor", anchors), ("target", targets)):
         for s in sets:
@@ -71,7 +116,7 @@ def multi_tensor_distance(
     if num_tensors == 0 or not targets:
         return reference.multi_tensor_distance(anchors, targets)
     if backend == "torch":
-        return _pure_torch(anchors, targets)
+        return _pure_torch(anchors, targets, wanted)
 
     device = anchors[0][0].device
     key = _DISPATCH_KEY.get(device.type)
@@ -80,7 +125,7 @@ def multi_tensor_distance(
         raise TransferFastError(f"backend {backend!r} cannot reduce tensors on {device}: "
                            f"{backend_status().get(backend, 'unknown backend')}")
     if not compiled:
-        return _pure_torch(anchors, targets)
+        return _pure_torch(anchors, targets, wanted)
     flat_a = list(itertools.chain.from_iterable(anchors))
     flat_b = list(itertools.chain.from_iterable(targets))
     # The common case (one dtype and device, contiguous) in one call. The kernel checks

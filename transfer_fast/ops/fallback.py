@@ -15,6 +15,12 @@ instead, and make no float64 copy of the data:
   a tensor are added in float64: errors stay near one float32 rounding per block,
   like the CPU kernel's (csrc/cpu/distance_reduce.h). (`cdist` would save the
   buffer, but it adds each block's 1024 terms one after another: 5-10x the error.)
+- the difference sums alone (sum |a - b|, sum (a - b)^2: the l1 and l2 metrics): the
+  staging copy costs as much as the reduction, so large tensors are read where they
+  lie: a - b of each pair is written SLICE elements at a time into one small buffer
+  that stays in cache and reduced per block as above (the same values, bit for bit).
+  All five sums need the sets side by side for the `bmm` and are staged; they cost
+  about 1.4x a plain float32 loop over one sum on ResNet-50 (benchmarks/RESULTS.md).
 - channel_stats: shifted sums (x - shift) in float64, a bounded chunk of samples at a
   time, in one pass, finished like the kernels (channel_stats_finish.h).
 
@@ -26,15 +32,22 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import TransferFastError
+from .reference import SUM_NAMES
 
 BLOCK = 1024  # elements reduced in the inputs' dtype before float64 takes over
 CHUNK_BYTES = 12 << 20  # staging and difference buffers of one chunk, all sets together
+# When only sum |a - b| and sum (a - b)^2 are wanted (the l1 and l2 metrics), tensors
+# of at least IN_PLACE_NUMEL elements skip the staging copy, which costs as much as
+# the reduction itself: their differences are taken SLICE elements at a time.
+DIFFERENCE_SUMS = frozenset({"abs_diff", "sq_diff"})
+IN_PLACE_NUMEL = 1 << 16
+SLICE = 1 << 18  # 1 MiB of float32 differences: stays in a core's cache
 
 
 @dataclass
@@ -142,23 +155,13 @@ def _sources(sets: Sequence[Sequence[torch.Tensor]], plan: _Staging, what: str
     return out
 
 
-@torch.no_grad()
-def multi_tensor_distance(anchors: Sequence[Sequence[torch.Tensor]],
-                          targets: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-    """Per (anchor set, target set, tensor): sum|a-b|, sum (a-b)^2, sum a*b, sum a^2,
-    sum b^2 as float64 (A, K, T, 5), like the kernels; see the module docstring.
-
-    Every tensor must be a floating dtype on the device of anchors[0][0] (the
-    dispatcher sends anything else to reference.py). float64 inputs are reduced in
-    float64, the rest in float32.
-    """
+def _staged_sums(anchors: Sequence[Sequence[torch.Tensor]],
+                 targets: Sequence[Sequence[torch.Tensor]], dtype: torch.dtype,
+                 gram: bool) -> torch.Tensor:
+    """All five sums (A, K, T, 5) float64 through the staging buffer; without `gram`
+    only the difference sums (columns 0, 1) are computed, the others are left NaN."""
     A, K, T = len(anchors), len(targets), len(anchors[0])
-    if T == 0:
-        return torch.zeros(A, K, 0, 5, dtype=torch.float64)
     device = anchors[0][0].device
-    sets = list(anchors) + list(targets)
-    wide = any(x.dtype == torch.float64 for s in sets for x in s)
-    dtype = torch.float64 if wide else torch.float32
     plan = _staging(tuple(x.shape for x in anchors[0]), A, K, dtype, device)
     tensors = _sources(anchors, plan, "anchor") + _sources(targets, plan, "target")
     flat: dict[tuple[int, int], torch.Tensor] = {}
@@ -173,37 +176,129 @@ def multi_tensor_distance(anchors: Sequence[Sequence[torch.Tensor]],
 
     if not plan.chunks:  # every tensor is empty
         return torch.zeros(A, K, T, 5, dtype=torch.float64, device=device)
+    out = torch.full((A, K, T, 5), torch.nan, dtype=torch.float64, device=device)
     with plan.lock:
         for c in plan.chunks:
             if c.pads:
                 torch._foreach_zero_(c.pads)
             torch._foreach_copy_(c.dst, [piece(s, t, b, e) for s in range(A + K)
                                          for t, b, e in c.pieces])
-            torch.bmm(c.sets, c.sets.transpose(1, 2), out=c.gram)
+            if gram:
+                torch.bmm(c.sets, c.sets.transpose(1, 2), out=c.gram)
             torch.sub(c.anchors, c.targets, out=c.diff)
             torch.linalg.vector_norm(c.diff, dim=3, out=c.l2)
             torch.sum(c.diff.abs_(), 3, out=c.l1)
         # Per tensor, its blocks' results added in float64: (T, ...).
-        gram = torch.segment_reduce(plan.gram.double(), "sum", lengths=plan.lengths)
         l1 = torch.segment_reduce(plan.l1.permute(2, 0, 1).double(), "sum",
                                   lengths=plan.lengths)
         l2 = torch.segment_reduce(plan.l2.permute(2, 0, 1).double().square_(), "sum",
                                   lengths=plan.lengths)
-    out = torch.empty(A, K, T, 5, dtype=torch.float64, device=device)
+        if gram:
+            products = torch.segment_reduce(plan.gram.double(), "sum", lengths=plan.lengths)
     out[..., 0] = l1.permute(1, 2, 0)
     out[..., 1] = l2.permute(1, 2, 0)
-    out[..., 2] = gram[:, :A, A:].permute(1, 2, 0)
-    squares = gram.diagonal(dim1=1, dim2=2)  # (T, A + K)
-    out[..., 3] = squares[:, :A].T.unsqueeze(1)
-    out[..., 4] = squares[:, A:].T.unsqueeze(0)
+    if gram:
+        out[..., 2] = products[:, :A, A:].permute(1, 2, 0)
+        squares = products.diagonal(dim1=1, dim2=2)  # (T, A + K)
+        out[..., 3] = squares[:, :A].T.unsqueeze(1)
+        out[..., 4] = squares[:, A:].T.unsqueeze(0)
     return out
 
 
-def packed_distance(anchors: torch.Tensor, targets: torch.Tensor, layout) -> torch.Tensor:
+def _difference_sums_in_place(anchors: Sequence[Sequence[torch.Tensor]],
+                              targets: Sequence[Sequence[torch.Tensor]],
+                              wanted: frozenset[str]) -> torch.Tensor:
+    """sum |a - b| and sum (a - b)^2 (A, K, T, 2) float64 of large tensors of the
+    compute dtype, read where they lie: a - b of each pair is written a SLICE at a
+    time into one small buffer that stays in cache, and reduced per block of BLOCK
+    like the staged route (float32 blocks added in float64), without staging copies."""
+    A, K = len(anchors), len(targets)
+    ref = anchors[0][0]
+    lengths = [-(-x.numel() // BLOCK) for x in anchors[0]]
+    parts = torch.zeros(2, A, K, sum(lengths), dtype=ref.dtype, device=ref.device)
+    buffer = torch.empty(SLICE, dtype=ref.dtype, device=ref.device)
+    first = 0
+    for t, blocks_t in enumerate(lengths):
+        a_flat = [s[t].reshape(-1) for s in anchors]
+        b_flat = [s[t].reshape(-1) for s in targets]
+        n = a_flat[0].numel()
+        for start in range(0, n, SLICE):
+            m = min(SLICE, n - start)
+            blocks = -(-m // BLOCK)
+            rows = buffer[:blocks * BLOCK].view(blocks, BLOCK)
+            at = slice(first + start // BLOCK, first + start // BLOCK + blocks)
+            for i, a in enumerate(a_flat):
+                for k, b in enumerate(b_flat):
+                    if m % BLOCK:
+                        buffer[m:blocks * BLOCK].zero_()  # the last block's unused end
+                    torch.sub(a[start:start + m], b[start:start + m], out=buffer[:m])
+                    if "sq_diff" in wanted:
+                        torch.linalg.vector_norm(rows, dim=1, out=parts[1, i, k, at])
+                    if "abs_diff" in wanted:
+                        torch.sum(rows.abs_(), 1, out=parts[0, i, k, at])
+        first += blocks_t
+    segments = torch.tensor(lengths, dtype=torch.long, device=ref.device)
+    l1 = torch.segment_reduce(parts[0].permute(2, 0, 1).double(), "sum", lengths=segments)
+    l2 = torch.segment_reduce(parts[1].permute(2, 0, 1).double().square_(), "sum",
+                              lengths=segments)
+    return torch.stack([l1, l2], dim=-1).permute(1, 2, 0, 3)
+
+
+def _check_numels(sets: Sequence[Sequence[torch.Tensor]], what: str,
+                  reference: Sequence[torch.Tensor]) -> None:
+    for i, tensors in enumerate(sets):
+        for t, (x, ref) in enumerate(zip(tensors, reference)):
+            if x.numel() != ref.numel():
+                raise TransferFastError(f"tensor {t}: anchor set 0 has shape "
+                                        f"{tuple(ref.shape)}, {what} set {i} has "
+                                        f"{tuple(x.shape)}")
+
+
+@torch.no_grad()
+def multi_tensor_distance(anchors: Sequence[Sequence[torch.Tensor]],
+                          targets: Sequence[Sequence[torch.Tensor]],
+                          sums: Collection[str] = SUM_NAMES) -> torch.Tensor:
+    """Per (anchor set, target set, tensor): sum|a-b|, sum (a-b)^2, sum a*b, sum a^2,
+    sum b^2 as float64 (A, K, T, 5), like the kernels; see the module docstring.
+
+    Every tensor must be a floating dtype on the device of anchors[0][0] (the
+    dispatcher sends anything else to reference.py). float64 inputs are reduced in
+    float64, the rest in float32. `sums`: the columns the caller needs; when they are
+    only difference sums, the others are not computed (NaN) and tensors of at least
+    IN_PLACE_NUMEL elements of the compute dtype are read where they lie.
+    """
+    A, K, T = len(anchors), len(targets), len(anchors[0])
+    if T == 0:
+        return torch.zeros(A, K, 0, 5, dtype=torch.float64)
+    sets = list(anchors) + list(targets)
+    wide = any(x.dtype == torch.float64 for s in sets for x in s)
+    dtype = torch.float64 if wide else torch.float32
+    wanted = frozenset(sums)
+    if not wanted <= DIFFERENCE_SUMS:
+        return _staged_sums(anchors, targets, dtype, gram=True)
+    _check_numels(anchors, "anchor", anchors[0])
+    _check_numels(targets, "target", anchors[0])
+    in_place = [t for t in range(T) if anchors[0][t].numel() >= IN_PLACE_NUMEL
+                and all(s[t].dtype == dtype for s in sets)]
+    if not in_place:
+        return _staged_sums(anchors, targets, dtype, gram=False)
+    pick = lambda idx: ([[s[t] for t in idx] for s in anchors],  # noqa: E731
+                        [[s[t] for t in idx] for s in targets])
+    out = torch.full((A, K, T, 5), torch.nan, dtype=torch.float64, device=sets[0][0].device)
+    out[:, :, in_place, :2] = _difference_sums_in_place(*pick(in_place), wanted)
+    chosen = set(in_place)
+    staged = [t for t in range(T) if t not in chosen]
+    if staged:
+        out[:, :, staged] = _staged_sums(*pick(staged), dtype, gram=False)
+    return out
+
+
+def packed_distance(anchors: torch.Tensor, targets: torch.Tensor, layout,
+                    sums: Collection[str] = SUM_NAMES) -> torch.Tensor:
     """packed_distance (anchors (A, L), targets (K, L) of a PackedLayout): the list
     version on the layout's views of each row."""
     return multi_tensor_distance([layout.unpack(row) for row in anchors],
-                                 [layout.unpack(row) for row in targets])
+                                 [layout.unpack(row) for row in targets], sums)
 
 
 def channel_stats(x: torch.Tensor, labels: torch.Tensor | None, num_classes: int,

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import TransferFastError
 from . import _library, fallback, reference
-from .dispatch import _DISPATCH_KEY, BACKENDS, KERNEL_DTYPES
+from .dispatch import _DISPATCH_KEY, BACKENDS, KERNEL_DTYPES, keep_columns, sum_columns
 
 ALIGN_ELEMS = 16
 
@@ -126,7 +126,8 @@ class PackedLayout:
 
 
 def packed_distance(anchors: torch.Tensor, targets: torch.Tensor, layout: PackedLayout, *,
-                    backend: str = "auto") -> torch.Tensor:
+                    backend: str = "auto", sums: Collection[str] | None = None
+                    ) -> torch.Tensor:
     """Fused sums for every (anchor set, target set, tensor) of packed buffers.
 
     anchors: (A, L), targets: (K, L), L = layout.length. Returns float64 (A, K, T, 5):
@@ -135,34 +136,43 @@ def packed_distance(anchors: torch.Tensor, targets: torch.Tensor, layout: Packed
     "cpu"/"cuda" (that kernel, or an error), "torch" (pure torch: fallback.py, float32
     blocks added in float64; reference.py's float64 sums for non-floating buffers).
     Mixed dtypes are promoted (exactly) and non-contiguous buffers copied first.
+    sums: the names (of SUM_NAMES) the caller needs, default all; the other columns
+    are NaN (see `multi_tensor_distance`).
     """
     if backend not in BACKENDS:
         raise TransferFastError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    wanted = sum_columns(sums)
+    return keep_columns(_packed(anchors, targets, layout, backend, wanted), wanted)
+
+
+def _packed(anchors: torch.Tensor, targets: torch.Tensor, layout: PackedLayout, backend: str,
+            wanted: frozenset[str]) -> torch.Tensor:
+    """packed_distance's routing: the kernel, the fallback or the reference."""
     for role, x in (("anchors", anchors), ("targets", targets)):
         if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] != layout.length:
-            raise ValueError(f"expected {role} of shape (sets >= 1, {layout.length}), "
-                             f"got {tuple(x.shape)}")
+            raise TransferFastError(f"expected {role} of shape (sets >= 1, {layout.length}), "
+                                    f"got {tuple(x.shape)}")
     if backend == "torch":
-        return _pure_torch(anchors, targets, layout)
+        return _pure_torch(anchors, targets, layout, wanted)
     device = anchors.device
     key = _DISPATCH_KEY.get(device.type)
     compiled = key is not None and _library.has_kernel(key, "packed_distance")
     if backend != "auto" and backend != device.type:
-        raise RuntimeError(f"backend {backend!r} cannot reduce buffers on {device}")
+        raise TransferFastError(f"backend {backend!r} cannot reduce buffers on {device}")
     if backend != "auto" and not compiled:
         reason = _library.reason or "packed_distance is not built into the compiled library"
-        raise RuntimeError(f"backend {backend!r} is unavailable: {reason}")
+        raise TransferFastError(f"backend {backend!r} is unavailable: {reason}")
     dtype = torch.promote_types(anchors.dtype, targets.dtype)
     if not compiled or dtype not in KERNEL_DTYPES or targets.device != device:
-        return _pure_torch(anchors, targets, layout)
+        return _pure_torch(anchors, targets, layout, wanted)
     return torch.ops.transfer_fast.packed_distance(
         anchors.to(dtype).contiguous(), targets.to(dtype).contiguous(), layout.chunks_on(device),
         len(layout))
 
 
-def _pure_torch(anchors: torch.Tensor, targets: torch.Tensor, layout: PackedLayout
-                ) -> torch.Tensor:
+def _pure_torch(anchors: torch.Tensor, targets: torch.Tensor, layout: PackedLayout,
+                wanted: frozenset[str]) -> torch.Tensor:
     if (anchors.is_floating_point() and targets.is_floating_point()
             and anchors.device == targets.device):
-        return fallback.packed_distance(anchors, targets, layout)
+        return fallback.packed_distance(anchors, targets, layout, wanted)
     return reference.packed_distance(anchors, targets, layout)
