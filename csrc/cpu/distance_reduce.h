@@ -152,6 +152,27 @@ void reduce_row(RowScratch<scalar_t>& s, const scalar_t* const* a, const scalar_
   }
 }
 
+// Asks for the first cache lines of every set of the next row while this row
+// is reduced. Separate tensors (the list op) are separate memory streams, and
+// the hardware prefetcher starts each one over: on many small tensors (2000
+// of ~10 KB) that start-up, not the arithmetic, was what the list op lost
+// against the packed op, whose tensors follow one another in memory.
+template <typename scalar_t, class Base>
+inline void prefetch_row(const int64_t* r, int64_t num_sets, Base& base) {
+#if defined(__GNUC__)
+  constexpr int64_t kLineElems = 64 / static_cast<int64_t>(sizeof(scalar_t));
+  constexpr int64_t kLines = 32;
+  const int64_t len = r[kRowEnd] - r[kRowBegin];
+  for (int64_t set = 0; set < num_sets; ++set) {
+    const scalar_t* p = base(set, r[kRowTensor]) + r[kRowBegin];
+    for (int64_t j = 0; j < kLines && j * kLineElems < len; ++j)
+      __builtin_prefetch(p + j * kLineElems, 0, 3);
+  }
+#else
+  (void)r, (void)num_sets, (void)base;
+#endif
+}
+
 // Partials of every chunk row: partials[c * slots.size() + slot], zero-filled
 // by the caller. base(set, tensor) is where that tensor of that set starts in
 // the coordinates of the rows' begin/end (sets 0..A-1 anchors, then targets).
@@ -164,6 +185,7 @@ void reduce_rows(const int64_t* rows, int64_t num_rows, const SlotLayout& slots,
     std::vector<const scalar_t*> a(A), b(K);
     for (int64_t c = first; c < last; ++c) {
       const int64_t* r = rows + c * kRowWidth;
+      if (c + 1 < last) prefetch_row<scalar_t>(rows + (c + 1) * kRowWidth, A + K, base);
       for (int64_t i = 0; i < A; ++i) a[i] = base(i, r[kRowTensor]) + r[kRowBegin];
       for (int64_t k = 0; k < K; ++k) b[k] = base(A + k, r[kRowTensor]) + r[kRowBegin];
       reduce_row<scalar_t>(s, a.data(), b.data(), r[kRowEnd] - r[kRowBegin], slots,
