@@ -1,7 +1,7 @@
 """Cross-check of the pytest-benchmark ratios, robust to a machine whose speed drifts.
 
     .venv/bin/python -m benchmarks.paired [--rounds 40] [--device cpu]
-        [--workloads resnet50 small2000] [--entries op packed op_torch op_torch_l1]
+        [--workloads resnet50 small2000] [--entries op packed op_torch op_torch_l1 op_torch_l2]
 
 pytest-benchmark times each entry on its own, one after the other, so a change of
 memory bandwidth between entries (a shared VM) moves the ratios. Here every round
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--device", choices=DEVICES, default=DEVICES[-1])
     parser.add_argument("--workloads", nargs="+", default=["resnet50", "small2000"])
     parser.add_argument("--entries", nargs="+",
-                        default=["op", "packed", "op_torch", "op_torch_l1"])
+                        default=["op", "packed", "op_torch", "op_torch_l1", "op_torch_l2"])
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}, "
           f"{args.rounds} rounds; cells: q1 / median / q3 of baseline_time / entry_time "

@@ -11,6 +11,7 @@ minutes apart on one machine:
   op_torch_l1 the fallback asked for sum |a - b| alone (sums=("abs_diff",)): what
               transferability() with the authors' metric (l1_mean) asks of it, and
               what naive_loop computes
+  op_torch_l2 the same for sum (a - b)^2 alone: the l2 and rms metrics
   loop_item, loop_stack, naive_loop, foreach, roofline: the baselines
 
 Goals on the CPU: op and packed at least 85% of the roofline on ResNet-50 and 60% on
@@ -69,9 +70,9 @@ def roofline(w: Workload) -> float:
 
 
 def ours(entry: str, device: str) -> Callable[[Workload], torch.Tensor]:
-    """Our entry `entry` ('op', 'packed', 'op_torch', 'op_torch_l1') on `device`."""
+    """Our entry `entry` ('op', 'packed', 'op_torch', 'op_torch_l1', 'op_torch_l2')."""
     backend = "torch" if entry.startswith("op_torch") else device
-    sums = ("abs_diff",) if entry == "op_torch_l1" else None
+    sums = {"op_torch_l1": ("abs_diff",), "op_torch_l2": ("sq_diff",)}.get(entry)
     if entry == "packed":
         def run(w: Workload) -> torch.Tensor:
             layout, anchors, targets = w.packed()
@@ -88,7 +89,8 @@ def function(entry: str, device: str) -> Callable[[Workload], object]:
 
 
 def entries(workload: str) -> list[str]:
-    mine = ["op", "packed"] + (["op_torch", "op_torch_l1"] if workload != "vitb16" else [])
+    fallback = ["op_torch", "op_torch_l1", "op_torch_l2"]
+    mine = ["op", "packed"] + (fallback if workload != "vitb16" else [])
     return mine + list(BASELINE_ENTRIES)
 
 
@@ -116,8 +118,9 @@ def test_distance(benchmark, workloads, device, workload, entry):
     run(benchmark, function(entry, device), w, f"{workload} [{device}]", entry)
 
 
-# transferability_torch: the same call without the compiled library (backend="torch").
-E2E_ENTRIES = ["transferability", "transferability_torch", "loop_item", "loop_stack",
+# transferability_torch: the same call without the compiled library (backend="torch");
+# op: the fused op alone on the same tensors (the goal: end to end <= 1.3x the op).
+E2E_ENTRIES = ["transferability", "transferability_torch", "op", "loop_item", "loop_stack",
                "roofline"]
 
 
@@ -149,6 +152,9 @@ def test_transferability_resnet50(benchmark, paper_workload, device, entry):
     elif entry == "transferability_torch":
         def fn(_):
             return transferability(*states, preset="paper", backend="torch").overall
+    elif entry == "op":
+        require_backend(device)
+        fn = ours("op", device)
     else:
         fn = globals()[entry]
     run(benchmark, fn, w, f"resnet50 transferability preset=paper [{device}]", entry)
