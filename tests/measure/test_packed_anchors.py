@@ -57,3 +57,17 @@ def test_missing_reshaped_and_non_finite_tensors_are_named():
     with pytest.raises(TransferFastError, match=f"NaN or Inf.*{name} in fine-tuning model"):
         traj.record(1, {**b, name: bad})
     assert traj.epochs == []
+
+
+@pytest.mark.parametrize("classes", [10, 1000])  # another class count than θA's, and the same
+@pytest.mark.parametrize("head", ["fc", "decoder.proj"])  # a name the rules know, and not
+def test_the_replaced_head_is_left_out_whatever_its_name_and_shape(head, classes):
+    shapes = {n: s for n, s in SHAPES.items() if not n.startswith("fc.")}
+    shapes.update({f"{head}.weight": (1000, 128), f"{head}.bias": (1000,)})
+    r, a, b = testing.triple(shapes, seed=6)
+    b[f"{head}.weight"], b[f"{head}.bias"] = torch.randn(classes, 128), torch.zeros(classes)
+    traj = Trajectory(r, a, b, replaced=[f"{head}.weight", f"{head}.bias"])
+    assert not any(n.startswith(head + ".") for n in traj.plan.names)
+    assert {f"{head}.weight", f"{head}.bias"} <= set(traj.plan.excluded)
+    want = transferability_from_states([{n: s[n] for n in traj.plan.names} for s in (r, a, b)])
+    assert traj.record(1, b).overall == pytest.approx(want.overall, rel=1e-12)

@@ -12,13 +12,11 @@ distance to θA worth measuring.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from ..errors import TransferFastError
 from ..io.files import write_json
 from ..measure.plan import Plan, make_plan
 from ..measure.transferability import PackedAnchors, TransferabilityResult, check_metric
@@ -43,6 +41,17 @@ def without(plan: Plan, names: Sequence[str], reason: str) -> Plan:
     )
 
 
+def _module_of(names: Sequence[str]) -> str | None:
+    """The module holding every tensor of `names` ('fc' for fc.weight, fc.bias)."""
+    parts = [n.split(".")[:-1] for n in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common) or None
+
+
 class Trajectory:
     """T of the fine-tuning model against θr and θA, one row per recorded epoch.
 
@@ -55,18 +64,11 @@ class Trajectory:
                  *, replaced: Sequence[str] = (), preset: str = "auto",
                  metric: str = "l1_mean", backend: str = "auto"):
         check_metric(metric)
-        reason = "classifier replaced for fine-tuning"
-        try:
-            plan = without(make_plan([random, pretrained, current], preset, labels=_LABELS),
-                           replaced, reason)
-        except TransferFastError:
-            # A head the plan cannot name, with another class count than θA's, reads as a
-            # shape clash: plan without the new head's tensors instead.
-            drop = set(replaced)
-            plan = make_plan([{n: t for n, t in s.items() if n not in drop}
-                              for s in (random, pretrained, current)], preset, labels=_LABELS)
-            plan = dataclasses.replace(plan, excluded={
-                **plan.excluded, **{n: reason for n in replaced}})
+        # The new head is the classifier: named so, a head whose class count differs from
+        # θA's is left out by its shape, and one that matches is dropped by name below.
+        plan = make_plan([random, pretrained, current], preset, labels=_LABELS,
+                         classifier=_module_of(replaced))
+        plan = without(plan, replaced, "classifier replaced for fine-tuning")
         self.plan = plan
         device = next(iter(current.values())).device
         # Packed once where the model lives: every record then packs the model beside them.
