@@ -114,8 +114,11 @@ def test_sums_not_asked_for_are_nan_on_every_backend(backend):
     exact = exact_sums(anchors, targets)
     torch.testing.assert_close(got[..., [2, 4]], exact[..., [2, 4]], rtol=1e-6, atol=1e-6)
     assert got[..., [0, 1, 3]].isnan().all()
-    with pytest.raises(TransferFastError, match="sums must name some of"):
-        ops.multi_tensor_distance(anchors, targets, backend=backend, sums=["l1"])
+    for bad in (["l1"], [], 3, [["dot"]], ["dot", 1]):
+        with pytest.raises(TransferFastError, match="sums must name some of"):
+            ops.multi_tensor_distance(anchors, targets, backend=backend, sums=bad)
+    assert ops.multi_tensor_distance(anchors, targets, backend=backend,
+                                     sums="dot")[..., 0].isnan().all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -161,7 +164,8 @@ def test_repeatable_bit_for_bit_and_plans_reused():
     assert torch.equal(one, two) and fallback._staging.cache_info().hits == hits + 1
 
 
-def test_packed_equals_the_list_version():
+@pytest.mark.parametrize("sums", [None, ("abs_diff", "sq_diff")])
+def test_packed_equals_the_list_version(sums):
     shapes = [(5,), (70_000,), (0,), (1025,), (4, 4)]
     a_sets, b_sets = make_sets([5, 70_000, 0, 1025, 16], 2), make_sets([5, 70_000, 0, 1025, 16],
                                                                       1, seed=9)
@@ -171,9 +175,12 @@ def test_packed_equals_the_list_version():
     anchors, targets = layout.new_buffer(2), layout.new_buffer(1)
     for row, tensors in zip([*anchors, *targets], [*a_sets, *b_sets]):
         layout.pack(tensors, out=row)
-    got = packed.packed_distance(anchors, targets, layout, backend="torch")
-    want = ops.multi_tensor_distance(a_sets, b_sets, backend="torch")
-    assert torch.equal(got, want)
+    got = packed.packed_distance(anchors, targets, layout, backend="torch", sums=sums)
+    want = ops.multi_tensor_distance(a_sets, b_sets, backend="torch", sums=sums)
+    asked = columns(sums)
+    assert torch.equal(got[..., asked], want[..., asked])
+    assert (relative_error(got, a_sets, b_sets)[..., asked] < 1e-6).all()
+    assert got[..., [c for c in range(5) if c not in asked]].isnan().all()
 
 
 def test_integer_tensors_go_to_the_float64_reference():

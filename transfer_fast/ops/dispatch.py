@@ -42,9 +42,11 @@ def sum_columns(sums: Collection[str] | None) -> frozenset[str]:
     """The checked set of sum names a caller asks for (None: all of SUM_NAMES)."""
     if sums is None:
         return ALL_SUMS
-    wanted = frozenset([sums] if isinstance(sums, str) else sums)
-    unknown = sorted(wanted - ALL_SUMS)
-    if unknown or not wanted:
+    try:
+        wanted = frozenset([sums] if isinstance(sums, str) else sums)
+    except TypeError:  # not iterable, or unhashable items
+        wanted = frozenset()
+    if not wanted or not wanted <= ALL_SUMS:
         raise TransferFastError(f"sums must name some of {SUM_NAMES}, got {sums!r}")
     return wanted
 
