@@ -12,7 +12,7 @@ from sklearn.covariance import ledoit_wolf
 from sklearn.datasets import load_digits
 
 from transfer_fast.errors import TransferFastError
-from transfer_fast.measure import scores as S
+from transfer_fast.measure import score_formulas
 from transfer_fast.measure.scores import (
     ScoreStats,
     hscore,
@@ -224,7 +224,7 @@ def test_ledoit_wolf_formula_matches_sklearn():
     for f in (clustered(200, 7, [0.5, 0.5])[0], clustered(30, 40, [1.0])[0], digits(300)[0]):
         x = torch.from_numpy(f - f.mean(0))
         q4 = ((x * x).sum(1) ** 2).sum()
-        shrunk, a = S._ledoit_wolf(x.T @ x, q4, x.shape[0])
+        shrunk, a = score_formulas.ledoit_wolf(x.T @ x, q4, x.shape[0])
         want, want_a = ledoit_wolf(f)
         close(a, want_a)
         np.testing.assert_allclose(shrunk.numpy(), want, rtol=1e-10, atol=1e-14)
@@ -406,7 +406,7 @@ F, Y = clustered(*CASES["tall_unbalanced"])
     (lambda: hscore(F[:, :0], Y), r"shape \(240, 0\)"),
     (lambda: hscore(np.where(np.arange(240)[:, None] == 7, np.nan, F), Y), "non-finite.*row 7"),
     (lambda: logme(np.full((3, 2), np.inf), [0, 1, 0]), "non-finite"),
-    (lambda: transrate(F, Y.astype(float)), "must be integers, got torch.float64"),
+    (lambda: transrate(F, Y.astype(float)), "must be integer class indices, got torch.float64"),
     (lambda: regularized_hscore(F, Y[:-1]), r"shape \(239,\): expected \(240,\)"),
     (lambda: hscore(F, np.where(Y == 1, -3, Y)), "value -3 is outside"),
     (lambda: logme(F, np.where(Y == 1, 10**9, Y)), "value 1000000000 is outside.*100000"),
@@ -435,7 +435,7 @@ def test_streaming_refusals_leave_statistics_unchanged():
     before = stats.compute()
     for bad, match in [
         ((F[:5, :4], Y[:5], probs[:5]), r"shape \(5, 4\): expected \(B, 12\)"),
-        ((F[:5], Y[:5] + 5, probs[:5]), r"value \d+ is outside \[0, 5\)"),
+        ((F[:5], Y[:5] + 5, probs[:5]), r"value \d+ is outside \[0, num_classes=5\)"),
         ((F[:5], Y[:5]), "every batch or for none"),
         ((F[:5], Y[:5], probs[:5, :2] / probs[:5, :2].sum(1, keepdims=True)),
          r"shape \(5, 2\): expected \(5, 3\)"),

@@ -41,7 +41,7 @@ from ..measure.frechet import frechet_distance
 from ..measure.gap import bn_gap, intraclass_variance
 from ..measure.plan import make_plan
 from ..measure.regression import TransferabilityModel, fit_transferability_model
-from ..measure.scores import ScoreStats
+from ..measure.score_stats import ScoreStats
 from ..ops.devices import resolve_device
 from ..train.finetune import finetune, pretrain
 from ..train.models import build_model

@@ -23,7 +23,7 @@ from ..io.datasets import LoadedData, batches, load_dataset
 from ..io.files import file_key, write_csv
 from ..io.runfolder import claim
 from ..measure.features import FeatureStats
-from ..measure.scores import ScoreStats
+from ..measure.score_stats import ScoreStats
 from ..ops.devices import resolve_device
 from ..report.figures import save_figure, scores_figure
 from ..train.models import infer_in_channels, load_model
