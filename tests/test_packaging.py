@@ -131,7 +131,8 @@ def test_a_built_wheel_installs_and_reports_its_build(tmp_path):
                     "-q", "-w", str(tmp_path / "dist"), str(ROOT)], check=True, timeout=1800)
     wheel = next((tmp_path / "dist").glob("transfer_fast-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for member in ("py.typed", "_build_info.json", "cli.py", "io/data_stream.py"):
+    for member in ("py.typed", "_build_info.json", "cli/__init__.py", "cli/parser.py",
+                   "io/data_stream.py"):
         assert f"transfer_fast/{member}" in names, member
     assert any(re.fullmatch(r"transfer_fast/_C\..*so", n) for n in names)
     target = tmp_path / "site"
