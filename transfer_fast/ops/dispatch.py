@@ -54,8 +54,9 @@ def sum_columns(sums: Collection[str] | None) -> frozenset[str]:
 def keep_columns(out: torch.Tensor, wanted: frozenset[str]) -> torch.Tensor:
     """`out` (..., 5) with the columns not in `wanted` set to NaN, so a result reads the
     same whichever backend computed it (the kernels compute all five in one pass)."""
-    if wanted != ALL_SUMS:
-        out[..., [i for i, name in enumerate(SUM_NAMES) if name not in wanted]] = torch.nan
+    for i, name in enumerate(SUM_NAMES):
+        if name not in wanted:  # one fill per column: no index tensor, so no sync on a GPU
+            out.select(-1, i).fill_(torch.nan)
     return out
 
 
