@@ -7,7 +7,7 @@ from matplotlib.figure import Figure
 
 from transfer_fast import testing, transferability
 from transfer_fast.errors import TransferFastError
-from transfer_fast.report import figures
+from transfer_fast.report import figures, study_figures
 from transfer_fast.report.figures import pyplot, save_figure
 
 MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "pdf": b"%PDF", "svg": b"<?xml"}
@@ -28,10 +28,11 @@ def test_figure_functions_return_figures_and_save_nothing(result, tmp_path, monk
             figures.heatmap_figure(labels, groups, [result.values, result.values]),
             figures.group_curves_figure(labels, groups, [result.values, [math.nan] * len(groups)]),
             figures.similarity_figure(labels, [[1.0, 0.5], [0.5, 1.0]], [[0.0, 2.0], [2.0, 0.0]]),
-            figures.layerwise_figure(groups, [10, 20], {"u": {}, "t": {10: result.values}}),
-            figures.gap_and_amount_figure([10, 20], {"t": [(1.0, 2.0, 10), (1.5, 3.0, 20)]},
-                                          {"t": [2.0, 3.0]}),
-            figures.trajectories_figure(["t"], [("t", [1, 2], [2.0, 1.5])])]
+            study_figures.layerwise_figure(groups, [10, 20], {"u": {}, "t": {10: result.values}}),
+            study_figures.gap_and_amount_figure([10, 20],
+                                                {"t": [(1.0, 2.0, 10), (1.5, 3.0, 20)]},
+                                                {"t": [2.0, 3.0]}),
+            study_figures.trajectories_figure(["t"], [("t", [1, 2], [2.0, 1.5])])]
     try:
         assert all(isinstance(f, Figure) for f in made)
         assert all(f.get_layout_engine() is not None for f in made)  # the shared style

@@ -25,7 +25,8 @@ from ..io.runfolder import claim
 from ..measure.features import FeatureStats
 from ..measure.score_stats import ScoreStats
 from ..ops.devices import resolve_device
-from ..report.figures import save_figure, scores_figure
+from ..report.figures import save_figure
+from ..report.study_figures import scores_figure
 from ..train.models import infer_in_channels, load_model
 from .manifest_columns import RANK_RESERVED, check_user_columns
 

@@ -20,12 +20,11 @@ from pathlib import Path
 from ..io.files import write_json, write_text
 from ..measure.agreement import kendall_tau
 from ..measure.regression import MIN_DF, interval_verdict
-from .figures import (
-    _SCORE_NAMES,
+from .figures import model_fit_figure, save_figure
+from .study_figures import (
+    SCORE_NAMES,
     gap_and_amount_figure,
     layerwise_figure,
-    model_fit_figure,
-    save_figure,
     scores_vs_t_figure,
     trajectories_figure,
 )
@@ -262,7 +261,7 @@ def _agreement_sentence(result) -> str:
             continue
         best = max(bases, key=lambda a: getattr(a, attr))
         bar = getattr(best, attr)
-        beat = [_SCORE_NAMES.get(a.score, a.score) for a in scores if getattr(a, attr) > bar]
+        beat = [SCORE_NAMES.get(a.score, a.score) for a in scores if getattr(a, attr) > bar]
         who = (f"{len(beat)} of {len(scores)} scores ({', '.join(beat)}) rank the tasks better"
                if beat else "no score ranks the tasks better")
         parts.append(f"against {what} {who} than the best static baseline ({best.score}, "
@@ -288,14 +287,14 @@ def _score_blocks(result, figures) -> list[tuple]:
                     "task is fine-tuned on the same data amounts drawn from it)."),
               ("table", ["score", "tau vs T", "weighted tau vs T", "tau vs accuracy",
                          "weighted tau vs accuracy", "tasks"],
-               [[(a.score + " (baseline)") if a.baseline else _SCORE_NAMES.get(a.score, a.score),
+               [[(a.score + " (baseline)") if a.baseline else SCORE_NAMES.get(a.score, a.score),
                  _num(a.tau_T, "+.3f"), _num(a.weighted_tau_T, "+.3f"),
                  _num(a.tau_acc, "+.3f"), _num(a.weighted_tau_acc, "+.3f"), str(a.tasks)]
                 for a in shown]),
               ("p", _agreement_sentence(result)),
               ("h2", "Scores per task"),
               ("table", ["task", "mean T", "mean val acc", "runs",
-                         *(_SCORE_NAMES.get(k, k) for k in names), "G", "classes"],
+                         *(SCORE_NAMES.get(k, k) for k in names), "G", "classes"],
                [[t.name, _num(t.mean_T), _num(t.mean_acc, ".3f"), str(t.measured),
                  *(_num(t.scores.get(k, math.nan)) for k in names), _num(t.G),
                  str(t.classes)] for t in measured])]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import math
 import textwrap
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..errors import TransferFastError
@@ -29,8 +28,8 @@ STYLE = {"figure.constrained_layout.use": True, "font.size": 9, "axes.titlesize"
          "savefig.dpi": 150}
 FORMATS = ("png", "pdf", "svg")  # what --format offers; save_figure takes any matplotlib has
 DPI = 150  # raster formats; pdf and svg are vector and ignore it
-_MAIN, _MEAN = "tab:blue", "tab:red"  # the measured values; their mean or overall
-_UNIT = {"color": "0.3", "lw": 0.8, "ls": ":"}  # T = 1: where pre-training stops helping
+MAIN_COLOR, _MEAN = "tab:blue", "tab:red"  # the measured values; their mean or overall
+UNIT_LINE = {"color": "0.3", "lw": 0.8, "ls": ":"}  # T = 1: where pre-training stops helping
 _T = "T = D(r,B) / D(A,B)"
 _MAX_TICKS = 40  # more labels than this on one axis overlap: every n-th is shown instead
 _MAX_LABELLED = 15  # more point labels than this overlap into an unreadable plot
@@ -74,7 +73,7 @@ def save_figure(fig, path: str | Path, *, dpi: int = DPI) -> Path:
         pyplot().close(fig)
 
 
-def _styled(draw):
+def styled(draw):
     @functools.wraps(draw)
     def styled(*args, **kwargs):
         with pyplot().rc_context(STYLE):
@@ -141,17 +140,17 @@ def _finite(values) -> list[float]:
 
 # ---- one result ------------------------------------------------------------------------
 
-@_styled
+@styled
 def transferability_figure(result, title: str | None = None):
     """A TransferabilityResult: T per group in network order, the overall dashed."""
     n = len(result.groups)
     fig, ax = pyplot().subplots(figsize=(max(6.0, 0.35 * n + 2), 4.0))
-    colors = ["0.6" if g == result.classifier else _MAIN for g in result.groups]
+    colors = ["0.6" if g == result.classifier else MAIN_COLOR for g in result.groups]
     finite = [v if math.isfinite(v) else 0.0 for v in result.values]
     ax.bar(range(n), finite, color=colors)
-    ax.plot(range(n), finite, color=_MAIN, marker="o", lw=1)
+    ax.plot(range(n), finite, color=MAIN_COLOR, marker="o", lw=1)
     ax.axhline(result.overall, color=_MEAN, ls="--", label=f"overall {result.overall:.3g}")
-    ax.axhline(1.0, **_UNIT, label="T = 1 (no benefit)")
+    ax.axhline(1.0, **UNIT_LINE, label="T = 1 (no benefit)")
     ax.set_xticks(range(n), result.groups, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel(f"{_T}   [{result.metric}]")
     ax.set_title(title or f"Layer-wise transferability ({result.preset} preset)")
@@ -159,11 +158,11 @@ def transferability_figure(result, title: str | None = None):
     return fig
 
 
-@_styled
+@styled
 def bn_gap_figure(result, title: str | None = None):
     """A BNGapResult: the gap per BN layer in network order, the mean dashed."""
     fig, ax = pyplot().subplots(figsize=(max(6.0, 0.22 * len(result.layers) + 2), 3.6))
-    ax.bar(range(len(result.values)), result.values, color=_MAIN)
+    ax.bar(range(len(result.values)), result.values, color=MAIN_COLOR)
     ax.axhline(result.mean, ls="--", color=_MEAN, label=f"mean {result.mean:.3g}")
     label_axis(ax, "x", result.layers)
     ax.set_ylabel(f"BN-statistics gap ({result.metric})")
@@ -172,12 +171,12 @@ def bn_gap_figure(result, title: str | None = None):
     return fig
 
 
-@_styled
+@styled
 def model_fit_figure(model, title: str | None = None):
     """A TransferabilityModel: predicted (in-sample and leave-one-out) against measured T,
     log-log, with the identity line."""
     fig, ax = pyplot().subplots(figsize=(5.5, 5.0))
-    ax.scatter(model.measured, model.predictions, marker="o", color=_MAIN,
+    ax.scatter(model.measured, model.predictions, marker="o", color=MAIN_COLOR,
                label=f"in-sample, R² = {model.r2:.2f}")
     ax.scatter(model.measured, model.loo_predictions, marker="x", color=_MEAN,
                label=f"leave-one-out, R² = {model.loo_r2:.2f}")
@@ -198,7 +197,7 @@ def model_fit_figure(model, title: str | None = None):
     return fig
 
 
-@_styled
+@styled
 def trajectory_figure(trajectory, title: str | None = None):
     """A Trajectory: T per group against the epoch, coloured by depth; the overall thick."""
     from matplotlib.ticker import MaxNLocator
@@ -212,7 +211,7 @@ def trajectory_figure(trajectory, title: str | None = None):
                 color=cmap(g / max(1, len(groups) - 1)), lw=1,
                 label=name if len(groups) <= 12 else None)
     ax.plot(trajectory.epochs, trajectory.overall, color="black", lw=2.5, label="overall")
-    ax.axhline(1.0, **_UNIT)
+    ax.axhline(1.0, **UNIT_LINE)
     if len(groups) > 12:  # a legend that long hides the plot: a depth colour bar instead
         bar = fig.colorbar(plt.cm.ScalarMappable(cmap=cmap), ax=ax, ticks=[0, 1])
         bar.ax.set_yticklabels([groups[0], groups[-1]])
@@ -235,7 +234,7 @@ def _check_table(labels: list[str], groups: list[str], values: list[list[float]]
                                 f"{len(groups)} values (groups)")
 
 
-@_styled
+@styled
 def heatmap_figure(labels: list[str], groups: list[str], values: list[list[float]],
                    title: str | None = None):
     """Checkpoints x groups heatmap of T (values: one row per label, one column per group)."""
@@ -262,7 +261,7 @@ def heatmap_figure(labels: list[str], groups: list[str], values: list[list[float
     return fig
 
 
-@_styled
+@styled
 def group_curves_figure(labels: list[str], groups: list[str], values: list[list[float]],
                         max_curves: int = 12, title: str | None = None):
     """T per group in network order, one line for each of the first `max_curves` checkpoints."""
@@ -277,7 +276,7 @@ def group_curves_figure(labels: list[str], groups: list[str], values: list[list[
         gaps = gaps or any(math.isnan(v) for v in row)
         ax.plot(range(len(groups)), row, marker="o", ms=3, lw=1.2, color=colors[k % len(colors)],
                 label=short_label(labels[k]))
-    ax.axhline(1.0, **_UNIT, label="T = 1 (no benefit)")
+    ax.axhline(1.0, **UNIT_LINE, label="T = 1 (no benefit)")
     label_axis(ax, "x", groups)
     ax.set_ylabel(_T + ("   (gaps: NaN or inf)" if gaps else ""))
     ax.grid(alpha=0.3)
@@ -297,7 +296,7 @@ def _annotate(ax, image, data, fmt: str) -> None:
                 color="black" if 0.3 * r + 0.6 * g + 0.1 * b > 0.5 else "white")
 
 
-@_styled
+@styled
 def similarity_figure(labels: list[str], cosine: list[list[float]], l2: list[list[float]],
                       title: str | None = None):
     """K x K cosine similarity and L2 distance of fine-tuning updates, side by side."""
@@ -334,137 +333,3 @@ def similarity_figure(labels: list[str], cosine: list[list[float]], l2: list[lis
 
 
 # ---- an experiment (report.md): numbers already aggregated by report.experiment --------
-
-def _task_colors(tasks: Sequence[str]) -> dict:
-    cmap = pyplot().get_cmap("tab10")
-    return {t: cmap(i % 10) for i, t in enumerate(tasks)}
-
-
-@_styled
-def layerwise_figure(groups: list[str], amounts: list[int],
-                     curves: Mapping[str, Mapping[int, list[float]]]):
-    """One panel per task: mean T per group (network order), one line per data amount.
-
-    curves: {task: {N: [T per group]}}; amounts: every N, in increasing order (the shades).
-    """
-    plt = pyplot()
-    shade = {n: plt.get_cmap("viridis")(i / max(1, len(amounts) - 1))
-             for i, n in enumerate(amounts)}
-    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.4), sharey=True,
-                             squeeze=False)
-    for ax, (task, lines) in zip(axes[0], curves.items()):
-        for n, values in lines.items():
-            ax.plot(range(len(groups)), values, marker="o", ms=3, color=shade[n], label=f"N={n}")
-        ax.set_title(task)
-        ax.set_xticks(range(len(groups)), groups, rotation=90, fontsize=6)
-        ax.axhline(1.0, **_UNIT)
-    axes[0][0].set_ylabel("T (mean over seeds)")
-    axes[0][-1].legend(fontsize=7)
-    return fig
-
-
-@_styled
-def gap_and_amount_figure(amounts: list[int],
-                          points: Mapping[str, Sequence[tuple[float, float, int]]],
-                          means: Mapping[str, Sequence[float]]):
-    """T against the gap G (one point per run, sized by N) and against the data amount N.
-
-    points: {task: [(G, T, N) per run]}; means: {task: [mean T at each of `amounts`]}.
-    """
-    fig, (ax_g, ax_n) = pyplot().subplots(1, 2, figsize=(10, 4))
-    colors = _task_colors(list(points))
-    for task, runs in points.items():
-        ax_g.scatter([g for g, _, _ in runs], [t for _, t, _ in runs], color=colors[task],
-                     s=[12 + 40 * amounts.index(n) / max(1, len(amounts) - 1) for *_, n in runs],
-                     label=task, alpha=0.8)
-        ax_n.plot(amounts, means[task], marker="o", color=colors[task], label=task)
-    ax_g.set(xlabel="domain gap G (BN statistics)", ylabel="T", yscale="log",
-             title="T against the domain gap (marker size: N)")
-    ax_n.set(xlabel="data amount N", ylabel="T (mean over seeds)", xscale="log", yscale="log",
-             title="T against the data amount")
-    ax_g.legend(fontsize=7)
-    plain_log_axes(ax_g, ax_n)
-    return fig
-
-
-@_styled
-def trajectories_figure(tasks: Sequence[str],
-                        curves: Sequence[tuple[str, Sequence[int], Sequence[float]]]):
-    """Overall T after every fine-tuning epoch: curves are (task, epochs, overall T)."""
-    fig, ax = pyplot().subplots(figsize=(7, 4))
-    colors = _task_colors(tasks)
-    for task, epochs, overall in curves:
-        ax.plot(epochs, overall, color=colors[task], lw=0.8, alpha=0.6)
-    for task in tasks:
-        ax.plot([], [], color=colors[task], label=task)
-    ax.set(xlabel="fine-tuning epoch", ylabel="overall T", yscale="log",
-           title="Transferability during fine-tuning (every run)")
-    ax.legend(fontsize=7)
-    plain_log_axes(ax)
-    return fig
-
-
-_SCORE_NAMES = {"logme": "LogME", "hscore": "H-score", "regularized_hscore": "reg. H-score",
-                "transrate": "TransRate", "nce": "NCE", "leep": "LEEP"}
-
-
-@_styled
-def scores_figure(labels: Sequence[str], scores: Mapping[str, Sequence[float]],
-                  title: str | None = None):
-    """One panel per transferability score (keys of `scores`, one value per label), bars per
-    model, the best of each panel highlighted; scores with no finite value are left out."""
-    plt = pyplot()
-    names = [k for k in scores if any(math.isfinite(float(v)) for v in scores[k])]
-    if not labels or not names:
-        raise TransferFastError("nothing to plot: no model with a finite score")
-    cols = min(3, len(names))
-    rows = math.ceil(len(names) / cols)
-    height = min(max(2.5, 0.25 * len(labels) + 1.2), 12.0)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, height * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        values = [float(v) for v in scores[name]]
-        best = max(v for v in values if math.isfinite(v))
-        ax.barh(range(len(labels)), [v if math.isfinite(v) else 0.0 for v in values],
-                color=["tab:orange" if v == best else _MAIN for v in values])
-        label_axis(ax, "y", list(labels))
-        ax.invert_yaxis()
-        ax.set_title(f"{_SCORE_NAMES.get(name, name)} (higher is better)")
-        ax.grid(axis="x", alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
-        ax.set_visible(False)
-    fig.suptitle(title or f"Transferability scores of {len(labels)} candidate models")
-    return fig
-
-
-@_styled
-def scores_vs_t_figure(tasks: Sequence[str], mean_t: Sequence[float],
-                       scores: Mapping[str, Sequence[float]],
-                       taus: Mapping[str, float] | None = None):
-    """One panel per score: each task's score (x) against its mean measured T (y, log),
-    the points named by task; `taus` (Kendall's tau per score) goes into the titles.
-    Tasks whose score or T is not finite are left out of a panel."""
-    plt = pyplot()
-    names = [k for k in scores if any(math.isfinite(float(v)) for v in scores[k])]
-    if not tasks or not names:
-        raise TransferFastError("nothing to plot: no task with a finite score")
-    cols = min(3, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.3 * rows), squeeze=False)
-    colors = _task_colors(list(tasks))
-    for ax, name in zip(axes.flat, names):
-        for task, x, y in zip(tasks, scores[name], mean_t):
-            if math.isfinite(float(x)) and math.isfinite(float(y)) and y > 0:
-                ax.scatter([x], [y], color=colors[task], label=task)
-                ax.annotate(task, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
-        tau = (taus or {}).get(name, math.nan)
-        ax.set(xlabel=_SCORE_NAMES.get(name, name), yscale="log",
-               title=_SCORE_NAMES.get(name, name)
-               + (f" (Kendall's tau {tau:+.2f})" if math.isfinite(tau) else ""))
-        ax.grid(alpha=0.3)
-        plain_log_axes(ax)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("mean T over the task's runs")
-    for ax in list(axes.flat)[len(names):]:
-        ax.set_visible(False)
-    fig.suptitle(f"Transferability scores against measured T ({len(tasks)} tasks)")
-    return fig
