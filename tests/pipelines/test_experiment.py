@@ -241,10 +241,10 @@ def fake_result(t_of, groups_t, tasks=("a", "b", "c", "d", "e"), amounts=(50, 40
 
 
 def test_findings_say_whether_each_claim_holds():
-    from transfer_fast.report.experiment import _findings
+    from transfer_fast.report.findings import findings
 
     paper_like = fake_result(lambda g, n: 50 * (1 - g) / n ** 0.5, [2.0, 5.0, 3.0, 1.0])
-    text = " ".join(_findings(paper_like))
+    text = " ".join(findings(paper_like))
     assert paper_like.model.reliable and "supports no finding" not in text
     assert "A larger domain gap lowers T: supported here: the 95% CI of G's coefficient" in text
     assert "Kendall's tau of -G with the task's mean T: +1.00 over 5 tasks" in text
@@ -253,7 +253,7 @@ def test_findings_say_whether_each_claim_holds():
     assert "The stem is among the least transferable layers: supported here" in text
     assert "Layer-wise T peaks in the middle of the network: supported here" in text
     opposite = fake_result(lambda g, n: 5 * (1 + g) * n ** 0.5, [9.0, 5.0, 3.0, 1.0])
-    text = " ".join(_findings(opposite))
+    text = " ".join(findings(opposite))
     assert "A larger domain gap lowers T: contradicted here" in text and "lies above zero" in text
     assert "More fine-tuning data lowers T: contradicted here" in text
     assert "least transferable layers: not supported here" in text
@@ -261,17 +261,17 @@ def test_findings_say_whether_each_claim_holds():
     assert "falls steadily from input to output" in text and "in 20 of 20 runs" in text
     few = fake_result(lambda g, n: 10.0 / n, [1.0, 2.0, 3.0, 1.0], tasks=("a", "b"),
                       amounts=(50,))
-    text = " ".join(_findings(few))
+    text = " ".join(findings(few))
     assert "gap lowers T: cannot be tested here" in text
     assert "data lowers T: cannot be tested here" in text
 
 
 def test_no_finding_from_a_model_that_predicts_worse_than_the_mean():
-    from transfer_fast.report.experiment import _findings
+    from transfer_fast.report.findings import findings
 
     noise = fake_result(lambda g, n: 10.0, [2.0, 5.0, 3.0, 1.0], noise=1.0)
     assert noise.model.loo_r2 < 0 and not noise.model.reliable
-    text = " ".join(_findings(noise))
+    text = " ".join(findings(noise))
     assert "The explanatory model supports no finding here: its leave-one-out R²" in text
     assert "A larger domain gap lowers T: not judged here" in text
     assert "More fine-tuning data lowers T: not judged here" in text
