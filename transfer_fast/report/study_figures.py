@@ -85,17 +85,24 @@ SCORE_NAMES = {"logme": "LogME", "hscore": "H-score", "regularized_hscore": "reg
                 "transrate": "TransRate", "nce": "NCE", "leep": "LEEP"}
 
 
+def _score_panels(scores: Mapping[str, Sequence[float]], items: Sequence[str],
+                  what: str) -> tuple[list[str], int, int]:
+    """The scores with a finite value (one panel each), and the grid's rows and columns
+    (at most 3 across)."""
+    names = [k for k in scores if any(math.isfinite(float(v)) for v in scores[k])]
+    if not items or not names:
+        raise TransferFastError(f"nothing to plot: no {what} with a finite score")
+    cols = min(3, len(names))
+    return names, math.ceil(len(names) / cols), cols
+
+
 @styled
 def scores_figure(labels: Sequence[str], scores: Mapping[str, Sequence[float]],
                   title: str | None = None):
     """One panel per transferability score (keys of `scores`, one value per label), bars per
     model, the best of each panel highlighted; scores with no finite value are left out."""
     plt = pyplot()
-    names = [k for k in scores if any(math.isfinite(float(v)) for v in scores[k])]
-    if not labels or not names:
-        raise TransferFastError("nothing to plot: no model with a finite score")
-    cols = min(3, len(names))
-    rows = math.ceil(len(names) / cols)
+    names, rows, cols = _score_panels(scores, labels, "model")
     height = min(max(2.5, 0.25 * len(labels) + 1.2), 12.0)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, height * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
@@ -121,11 +128,7 @@ def scores_vs_t_figure(tasks: Sequence[str], mean_t: Sequence[float],
     the points named by task; `taus` (Kendall's tau per score) goes into the titles.
     Tasks whose score or T is not finite are left out of a panel."""
     plt = pyplot()
-    names = [k for k in scores if any(math.isfinite(float(v)) for v in scores[k])]
-    if not tasks or not names:
-        raise TransferFastError("nothing to plot: no task with a finite score")
-    cols = min(3, len(names))
-    rows = math.ceil(len(names) / cols)
+    names, rows, cols = _score_panels(scores, tasks, "task")
     fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.3 * rows), squeeze=False)
     colors = _task_colors(list(tasks))
     for ax, name in zip(axes.flat, names):
