@@ -257,3 +257,64 @@ def triple(shapes: dict[str, tuple], seed: int = 0, finetuned_classes: int | Non
                  if name.rpartition(".")[0] == head}
         b.update(random_state(heads, seed + 3))
     return r, a, b
+
+
+# ---- the compiled ops' sample inputs ------------------------------------------------------
+
+# Elements per chunk row of the distance kernels (csrc/common/distance_sums.h).
+KERNEL_CHUNK = 1 << 16
+
+
+def _sets(sizes, count: int, dtype, device, seed: int) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[(torch.randn(n, generator=g) + 0.1 * k).to(device, dtype) for n in sizes]
+            for k in range(count)]
+
+
+def sample_inputs(op: str, device: str | torch.device = "cpu") -> list[tuple]:
+    """Argument tuples for `torch.ops.transfer_fast.<op>` on `device` that reach its edges:
+    empty tensors, sizes one past a chunk row, several anchor and target sets, each dtype
+    family, labels or none, a given shift or none, both memory layouts of channel_stats.
+
+    The one set of samples of each op: the correctness tests compare the op on these with
+    the float64 reference, and `torch.library.opcheck` checks them, on every device.
+    op: 'multi_tensor_distance', 'packed_distance', 'packed_chunks' or 'channel_stats'.
+    """
+    from .ops.packed import PackedLayout
+
+    def flat(a_sets, b_sets):
+        return ([t for s in a_sets for t in s], [t for s in b_sets for t in s], len(a_sets[0]))
+
+    distance_cases = [([10, 1030, 0], 2, 1, torch.float32),
+                      ([KERNEL_CHUNK + 3, 1], 1, 3, torch.float64),
+                      ([5000, 7], 2, 2, torch.float16)]
+    if op == "multi_tensor_distance":
+        return [flat(_sets(sizes, a, dtype, device, 0), _sets(sizes, k, dtype, device, 1))
+                for sizes, a, k, dtype in distance_cases]
+    if op == "packed_distance":
+        out = []
+        for sizes, a, k, dtype in distance_cases:
+            a_sets, b_sets = _sets(sizes, a, dtype, device, 0), _sets(sizes, k, dtype, device, 1)
+            layout = PackedLayout.from_tensors(a_sets[0])
+            buffers = []
+            for sets in (a_sets, b_sets):
+                buf = layout.new_buffer(len(sets), dtype=dtype, device=device)
+                for row, tensors in zip(buf, sets):
+                    layout.pack(tensors, out=row)
+                buffers.append(buf)
+            out.append((*buffers, layout.chunks_on(device), len(sizes)))
+        return out
+    if op == "packed_chunks":
+        return [(torch.tensor([0, 16, 32]), torch.tensor([5, 0, KERNEL_CHUNK + 1])),
+                (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))]
+    if op == "channel_stats":
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(6, 3, 5, generator=g).to(device)
+        labels = torch.tensor([0, 1, 1, 0, 2, 0], device=device)
+        f64 = dict(dtype=torch.float64, device=device)
+        return [(x, torch.zeros(3, **f64), labels, 4, False),   # class 3 empty
+                (x, None, labels, 3, False),                   # each channel's first value
+                (x.transpose(1, 2).contiguous(), torch.full((3,), 0.5, **f64), None, 1, True),
+                ((x * 100 + 1e4).double(), None, None, 1, False),
+                (x[:0], None, None, 1, False)]                 # no samples
+    raise ValueError(f"no samples for op {op!r}")

@@ -128,16 +128,6 @@ def test_pure_torch_backend_agrees_and_totals_merge_classes():
                           x.double().transpose(0, 1).reshape(6, -1).var(1), rtol=1e-12)
 
 
-def test_opcheck():
-    if not tf.backend_status()["cpu"] == "available":
-        pytest.skip("compiled kernels not built")
-    x = torch.randn(4, 3, 5)
-    shift = torch.zeros(3, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.transfer_fast.channel_stats.default,
-                          (x, shift, torch.tensor([0, 1, 1, 0]), 2, False))
-    torch.library.opcheck(torch.ops.transfer_fast.channel_stats.default,
-                          (x, torch.zeros(5, dtype=torch.float64), None, 1, True))
-
 
 @pytest.mark.parametrize("labels, match", [
     (torch.tensor([0, 1, 5]), "outside"),
@@ -246,12 +236,6 @@ def test_no_shift_means_each_channels_first_element(device):
         got = op(x, None, None, 1, cl)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
 
-
-def test_opcheck_without_shift():
-    if not tf.backend_status()["cpu"] == "available":
-        pytest.skip("compiled kernels not built")
-    torch.library.opcheck(torch.ops.transfer_fast.channel_stats.default,
-                          (torch.randn(4, 3, 5), None, torch.tensor([0, 1, 1, 0]), 2, False))
 
 
 @pytest.mark.parametrize("labelled", [False, True])

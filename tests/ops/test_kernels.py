@@ -142,13 +142,6 @@ def test_cpu_result_identical_for_one_and_two_threads():
     assert torch.equal(one, two)
 
 
-def test_opcheck(device):
-    anchors, targets = make_sets([10, 1030, 0], 2, device=device), make_sets(
-        [10, 1030, 0], 1, device=device, seed=1)
-    flat_a = [t for s in anchors for t in s]
-    torch.library.opcheck(torch.ops.transfer_fast.multi_tensor_distance.default,
-                          (flat_a, targets[0], 3))
-
 
 def test_works_under_torch_compile():
     anchors, targets = make_sets([100, 2000], 2), make_sets([100, 2000], 1, seed=1)

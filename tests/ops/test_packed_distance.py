@@ -249,17 +249,6 @@ def test_cuda_kernel_reads_rows_outside_the_buffer_as_empty():
     assert torch.isfinite(got).all()
 
 
-def test_opcheck_packed_distance(device):
-    shapes = [(10,), (1030,), (0,), (CHUNK + 3,)]
-    layout, anchors, targets = packed_pair(make_sets(shapes, 2, device=device),
-                                           make_sets(shapes, 1, device=device, seed=1))
-    torch.library.opcheck(torch.ops.transfer_fast.packed_distance.default,
-                          (anchors, targets, layout.chunks_on(device), len(shapes)))
-
-
-def test_opcheck_packed_chunks():
-    torch.library.opcheck(torch.ops.transfer_fast.packed_chunks.default,
-                          (torch.tensor([0, 16, 32]), torch.tensor([5, 0, CHUNK + 1])))
 
 
 @pytest.mark.parametrize("mode,error", [(1, RuntimeError), (2, ValueError), (3, RuntimeError)])

@@ -28,7 +28,7 @@ except (ImportError, OSError) as exc:  # a missing or unloadable .so
     log.warning("transfer_fast: compiled kernels unavailable (%s); using pure torch", reason)
 
 
-OPS = ("multi_tensor_distance", "packed_distance", "channel_stats")
+OPS = ("multi_tensor_distance", "packed_distance", "packed_chunks", "channel_stats")
 # Registrations happen once, when the library loads, so the table is made once here. A
 # plain set lookup (not a call into torch._C) keeps the routing traceable by
 # torch.compile(fullgraph=True).
