@@ -234,6 +234,14 @@ def test_cli_scan_pairwise_and_bad_input_exit_2(ckpts, tmp_path):
     assert bad.returncode == 2 and "nope.pt" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_pairwise_table_is_written_without_the_figures(ckpts, tmp_path):
+    r, a, paths = ckpts
+    scan(paths[:3], random=r, pretrained=a, out=tmp_path / "run", pairwise=True, plots=False,
+         progress=False)
+    assert len(read(tmp_path / "run" / "pairwise.csv")) > 0
+    assert not list((tmp_path / "run").glob("*.png"))
+
+
 def test_reader_threads_sharing_a_target_do_not_change_the_numbers(ckpts, tmp_path,
                                                                    monkeypatch):
     import importlib

@@ -139,14 +139,32 @@ def _gram(f_a: torch.Tensor, f_b: torch.Tensor, triangular: bool) -> torch.Tenso
 def frechet_distance(a: Any, b: Any, *, eps: float | None = None) -> FrechetResult:
     """Fréchet distance between N(mu_a, S_a) and N(mu_b, S_b).
 
-    a, b: (mean (d,), covariance (d, d)) pairs of tensors or arrays, or objects whose
-    gaussian() returns one. Computed in float64 on a's device. Covariances must be
-    symmetric to 1e-8 relative; within that, their lower triangles are used (as LAPACK does).
-    eps: None (default): when a covariance is ill-conditioned (not positive definite, or
-    condition number above 1e10), warn and add eps*I to both covariances with eps = 1e-6
-    x the mean of their diagonals. A number: always add that eps*I (0 never regularises).
-    The same eps*I enters the traces, so the distance of a Gaussian to itself stays 0.
-    Negative eigenvalues of a covariance (indefinite input) are clamped to 0 and noted.
+    Computed in float64 on a's device. Covariances must be symmetric to 1e-8 relative;
+    within that, their lower triangles are used (as LAPACK does). The same eps*I enters
+    the traces, so the distance of a Gaussian to itself stays 0. Negative eigenvalues of
+    a covariance (indefinite input) are clamped to 0 and noted.
+
+    Args:
+        a: a (mean (d,), covariance (d, d)) pair of tensors or arrays (converted to
+            float64), or an object whose gaussian() returns one (FeatureStats,
+            FeatureState, CovarianceStats).
+        b: the other Gaussian, the same way, with the same d (moved to a's device).
+        eps: None (default): when a covariance is ill-conditioned (not positive definite,
+            or condition number above 1e10), warn and add eps*I to both covariances with
+            eps = 1e-6 x the mean of their diagonals. A number: always add that eps*I (0
+            never regularises).
+    Returns:
+        FrechetResult: `distance` = `mean_term` + `trace_term` (also `float(result)`),
+        `clamped` (negative eigenvalues of S_a S_b set to 0) and `min_eigenvalue`,
+        `regularised_eps` (0.0 when none) and `warnings` (the notes; all but the
+        rounding clamps of S_a S_b are also issued as a UserWarning).
+    Raises:
+        TransferFastError: a or b is neither a (mean, covariance) pair that converts to
+            tensors nor an object with gaussian(), or its gaussian() fails (FeatureStats
+            without penultimate features or with fewer than 2 samples); a mean not of
+            shape (d,) or a covariance not (d, d), d >= 1; a NaN or Inf in a mean or
+            covariance; a covariance with max |S - S^T| above 1e-8 x max |S|; a and b
+            of different d; an eps that is not a finite number >= 0.
     """
     mu_a, s_a = _gaussian(a, "a", None)
     mu_b, s_b = _gaussian(b, "b", mu_a.device)

@@ -79,8 +79,34 @@ def bn_gap(model: nn.Module, data: Iterable | FeatureStats | FeatureState, *, me
            backend: str = "auto", progress: bool = True) -> BNGapResult:
     """Gap between each BN layer's running statistics and the data's activations there.
 
-    data: batches x or (x, y) (a DataLoader, a list), or FeatureStats already
-    accumulated on this model. Variances get the layer's eps, as in the forward pass.
+    Per channel, the Gaussian of the layer's running_mean and running_var (what
+    pre-training saw) is compared with the mean and unbiased variance of the data's
+    activations at the layer's input, all in float64. Variances get the layer's eps, as
+    in the forward pass.
+
+    Args:
+        model: the pre-trained network; its BatchNorm layers that track running
+            statistics are measured, in network order.
+        data: batches x or (x, y) (a DataLoader, a list), run through `model` in eval
+            mode on its parameters' device (y is ignored), or FeatureStats (or a
+            FeatureState) already accumulated on this model, with its BN layers watched.
+        metric: "w2" (default): sqrt of the channel-mean squared 2-Wasserstein distance,
+            in the activations' units; "skl": channel-mean symmetric KL divergence.
+        backend: the channel_stats backend used to accumulate `data`: "auto", "cpu",
+            "cuda" or "torch"; unused for FeatureStats/FeatureState.
+        progress: show a progress bar while `data` is accumulated.
+    Returns:
+        BNGapResult: per BN layer `layers` (names), `values` (the gap) and `channels`;
+        `samples` (the data's), `mean` (the data set's G: the mean over layers) and
+        `metric`.
+    Raises:
+        TransferFastError: an unknown metric; a model without BatchNorm layers that
+            track running statistics; a BN layer no activation reached (or that the
+            statistics lack), or whose channel count differs from its statistics'; while
+            `data` is accumulated: a BN input that is not a tensor (N, C, ...),
+            activations with NaN or Inf (on a GPU, possibly found when the statistics
+            are read), or an unknown backend or one that cannot run on the model's
+            device.
     """
     if metric not in GAP_METRICS:
         raise TransferFastError(f"metric must be one of {GAP_METRICS}, got {metric!r}")
@@ -138,6 +164,22 @@ def intraclass_variance(stats: ChannelStats | FeatureStats | FeatureState) -> In
     """Within-class diversity of (penultimate) features with per-class statistics.
 
     Classes with fewer than two samples have no variance and are left out of the mean.
+
+    Args:
+        stats: ChannelStats accumulated with labels (class_count float64 (K,),
+            class_mean and class_m2 float64 (K, C)), or FeatureStats/FeatureState whose
+            penultimate features (`features`) are used.
+    Returns:
+        IntraclassVariance: `normalised` (D: the mean over the classes with two samples
+        or more of the trace of the class covariance, over the trace of the total
+        covariance), `raw` (that mean), `domain_width` (the total trace), `num_classes`
+        (the classes in the mean) and `per_class` (the trace of every class, left-out
+        ones included: 0 for one sample, NaN for none). Variances divide by the count.
+    Raises:
+        TransferFastError: statistics of fewer than two classes (accumulated without
+            labels); no class with two samples or more; features of zero total variance;
+            FeatureStats/FeatureState without penultimate features; for FeatureStats on
+            a GPU, a last batch found to hold NaN or Inf when its statistics are read.
     """
     if isinstance(stats, FeatureStats | FeatureState):
         stats = stats.features
@@ -157,7 +199,19 @@ def intraclass_variance(stats: ChannelStats | FeatureStats | FeatureState) -> In
 
 
 def data_amount(data) -> int:
-    """N: the number of training samples (of FeatureStats, a Dataset or anything with len)."""
+    """N: the number of training samples (of FeatureStats, a Dataset or anything with len).
+
+    Args:
+        data: FeatureStats or FeatureState (their `samples`), or anything with len() (a
+            Dataset; len() of a DataLoader is its number of batches, so pass its
+            dataset).
+    Returns:
+        The number of samples.
+    Raises:
+        TransferFastError: `data` has no len() (an iterable-style DataLoader, a
+            generator); for FeatureStats on a GPU, a last batch found to hold NaN or Inf
+            when its statistics are read.
+    """
     if isinstance(data, FeatureStats | FeatureState):
         return data.samples
     try:

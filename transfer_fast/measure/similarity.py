@@ -117,18 +117,50 @@ def similarity(checkpoints: Sequence[StateSource], reference: StateSource, *,
                strict: bool = False) -> SimilarityResult:
     """K x K cosine similarity and L2 distance between the updates θB_i - θA, per group.
 
-    checkpoints: K >= 2 fine-tuned sets θB_i; reference: the pre-trained set θA (paths,
-    folders, modules or mappings, as `load_state`). The tensors and groups come from
-    `make_plan` (a classifier whose shape differs is left out, listed in `excluded`);
-    "network" sums over every compared tensor; prefixes that differ between the sets
-    ('bert.' in a task model) are lined up. The plan's tensors get one flat layout:
-    each update (float32 at least) is packed into one row of a (K, L) buffer on the
-    device of the first checkpoint, checkpoints given as paths read one at a time, and
-    all K*K pairs come from one `packed_distance` call. Memory: K packed updates and
-    one checkpoint. `groups`, `classifier`, `strict` go to `make_plan`, `key` to
-    `load_state`, as in `transferability`.
-    Raises TransferFastError for fewer than 2 checkpoints, sets that do not line up, or a
-    NaN/Inf update; an all-zero update (a frozen group) gives NaN cosines, in `warnings`.
+    The tensors and groups come from `make_plan` (a classifier whose shape differs is
+    left out, listed in `excluded`); "network" sums over every compared tensor;
+    prefixes that differ between the sets ('bert.' in a task model) are lined up. The
+    plan's tensors get one flat layout: each update (float32 at least) is packed into
+    one row of a (K, L) buffer on the device of the first checkpoint (the CPU for a
+    path), checkpoints given as paths read one at a time, and all K*K pairs come from
+    one `packed_distance` call. Memory: K packed updates and one checkpoint. An
+    all-zero update (a frozen group) gives NaN cosines, in `warnings`.
+
+    Args:
+        checkpoints: K >= 2 fine-tuned sets θB_i, a list of paths, folders, modules or
+            mappings (as `load_state`); paths are listed first (names, shapes and
+            dtypes) and read one at a time.
+        reference: the pre-trained set θA, the same way (loaded whole).
+        preset: the grouping of tensors into layer groups, one of `presets.PRESETS`
+            ("auto" picks one from the names).
+        backend: "auto" (the compiled kernel of the buffer's device, else pure torch),
+            "cpu"/"cuda" (that kernel, or an error), "torch" (pure torch).
+        labels: one name per checkpoint, for the result and messages; None:
+            `default_labels` (the shortest distinguishing tail of each path, else the
+            position).
+        groups: custom groups instead of the preset's, as in `transferability`.
+        classifier: the classifier group or module, as in `transferability`.
+        key: the wrapped state dict entry to read in every checkpoint file, as in
+            `load_state`; None: the default choice.
+        strict: as in `transferability`. `groups`, `classifier`, `strict` go to
+            `make_plan`, `key` to `load_state`, as in `transferability`.
+    Returns:
+        SimilarityResult: `labels`; `groups` (the plan's G groups in network order, then
+        "network"); `cosine` and `l2` float64 (G + 1, K, K) on the CPU, indexed [group,
+        i, j], exactly symmetric; `excluded`; `warnings` (also issued as
+        RuntimeWarning).
+    Raises:
+        TransferFastError: a single path, mapping or module instead of a list; fewer
+            than 2 checkpoints; a number of labels other than K; a set that cannot be
+            loaded (a missing, unreadable, truncated, unsafe or tensor-less file, or a
+            `key` that names no state dict); names that do not line up; a selected
+            tensor missing from a set or of another shape; an unknown preset, a bad
+            groups file or list or `classifier`, no tensor to compare; an unknown
+            backend or one that cannot reduce the buffers on their device; a NaN, Inf or
+            overflow in an update.
+        OSError: a model folder, index file or groups file the system refuses to list or
+            read, or an I/O error while a .safetensors file is read (other read failures
+            are TransferFastError).
     """
     if isinstance(checkpoints, (str, Path, Mapping, nn.Module)):
         raise TransferFastError("checkpoints must be a list of checkpoints, got a single "

@@ -117,10 +117,28 @@ def channel_stats(x: torch.Tensor, labels=None, num_classes: int | None = None, 
                   shift: torch.Tensor | None = None) -> ChannelStats:
     """Per channel (and per class x channel) count, mean, centred sum of squares; one pass.
 
-    x: (N, C, H, W), (N, C, ...), (N, C) or (N, L, C) (with channels_first: (N, C, L)),
-    float32/float16/bfloat16/float64, read in its own layout (channels_last included)
-    without a permuted copy. labels: integers (N,) in [0, num_classes) (num_classes
-    defaults to max + 1).
+    Args:
+        x: activations (N, C, H, W), (N, C, ...), (N, C) or (N, L, C) (with
+            channels_first: (N, C, L)), float32/float16/bfloat16/float64, read in its own
+            layout (channels_last included) without a permuted copy.
+        labels: integer class indices (N,) in [0, num_classes), or None: one class.
+        num_classes: K, the number of classes; None defaults to max(labels) + 1. Without
+            labels it must be None or 1.
+        channels_first: read a 3-D x as (N, C, L) (a BatchNorm1d input) instead of
+            (N, L, C).
+        backend: "auto" (the compiled kernel of x's device, else pure torch),
+            "cpu"/"cuda" (that kernel, or an error), "torch" (pure torch).
+        shift: float64 (C,) values near the channel means that the sums are taken about
+            (x - shift keeps float64 exact for a large mean); None: each channel's first
+            element.
+    Returns:
+        ChannelStats on x's device: class_count float64 (K,) elements per channel
+        (samples x positions), class_mean and class_m2 float64 (K, C) mean and centred
+        sum of squares; K = 1 without labels; empty classes are zeros.
+    Raises:
+        TransferFastError: x of fewer than two dimensions; labels that are not integers
+            of shape (N,) in range (`check_labels`); num_classes other than 1 without
+            labels; an unknown backend, or one that cannot reduce tensors on x's device.
     """
     if x.dim() < 2:
         raise TransferFastError(f"activations of shape {tuple(x.shape)}: expected (N, C), "

@@ -114,7 +114,38 @@ class LayerDistances:
 def layer_distances(a: StateSource, b: StateSource, *,
                     metrics: Sequence[str] = ("l1_mean", "l2", "rel_l2", "cosine"),
                     backend: str = "auto") -> LayerDistances:
-    """Every metric for every learned tensor the two sets share, in one fused pass."""
+    """Every metric for every learned tensor the two sets share, in one fused pass.
+
+    The tensors compared are those `make_plan` selects with the "generic" preset:
+    buffers such as running statistics are skipped, and the tensors left out for a
+    reason (not floating-point, empty) are listed in `excluded`. Differing wrapper or
+    base-model prefixes are lined up (`io.names.align_states`). Sums that overflow with
+    finite inputs give inf and a RuntimeWarning.
+
+    Args:
+        a: the first set: a checkpoint file, index file or model folder, an nn.Module or a
+            mapping of names to tensors (`load_state`, default state dict entry).
+        b: the second set, the same way; its norm is the reference of "rel_l2".
+        metrics: the names (of METRICS) to compute: "l1_mean" (mean |a - b|), "l2"
+            (||a - b||), "rms" (||a - b|| / sqrt(numel)), "rel_l2" (||a - b|| / ||b||),
+            "cosine" (1 - cos(a, b)); default all but "rms". Only the sums they need are
+            computed where that saves work.
+        backend: "auto" (the compiled kernel of the tensors' device, else pure torch),
+            "cpu"/"cuda" (that kernel, or an error), "torch" (pure torch).
+    Returns:
+        LayerDistances: `names` (the compared tensors, in network order), `values`
+        {metric: one float per name, computed from float64 sums; cosine and rel_l2 are
+        NaN or inf where a norm is zero} and `excluded` {name: why it was left out}.
+    Raises:
+        TransferFastError: an unknown metric or backend, or a backend that cannot reduce
+            tensors on their device; a set that cannot be loaded (a missing, unreadable,
+            truncated, unsafe or tensor-less file, or an object that is not a path,
+            module or mapping); names that do not line up; a selected tensor missing from
+            a set or of another shape; no tensor to compare; a NaN or Inf in a tensor.
+        OSError: a model folder or index file the system refuses to list or read, or an
+            I/O error while a .safetensors file is read (other read failures are
+            TransferFastError).
+    """
     for metric in metrics:
         check_metric(metric)
     labels = ["first set", "second set"]
@@ -174,12 +205,52 @@ def transferability(random: StateSource, pretrained: StateSource, finetuned: Sta
     over the groups other than the classifier. A zero D(θA, θB) gives T = inf for
     that group (NaN if D(θr, θB) is zero too), reported in `warnings`.
 
-    Each set is a checkpoint file, an index file or model folder (sharded Hugging Face
-    checkpoints), a module or a mapping (`load_state`). Differing wrapper or base-model
-    prefixes ('bert.' in one, none in another) are lined up (`io.names.align_states`).
-    `groups`, `classifier` and `strict` go to `make_plan`; `key` picks the wrapped state
-    dict ('state_dict_ema', ...) in checkpoints that hold several, one name for every
-    file or three (None: the default choice).
+    Args:
+        random: θr, the randomly initialised set.
+        pretrained: θA, the pre-trained set.
+        finetuned: θB, the set fine-tuned from θA; the comparison runs on the device of
+            its first selected tensor. Each set is a checkpoint file, an index file or
+            model folder (sharded Hugging Face checkpoints), a module or a mapping
+            (`load_state`). Differing wrapper or base-model prefixes ('bert.' in one,
+            none in another) are lined up (`io.names.align_states`).
+        preset: the grouping of tensors into layer groups, one of `presets.PRESETS`
+            ("auto" picks one from the names, "paper" is the authors' script for
+            ResNet/DenseNet).
+        metric: the distance D, one of METRICS: "l1_mean" (mean |a - b|, the authors'
+            and the default), "l2", "rms", "rel_l2" (relative to θB's norm) or "cosine"
+            (1 - cos).
+        backend: "auto" (the compiled kernel of θB's device, else pure torch),
+            "cpu"/"cuda" (that kernel, or an error), "torch" (pure torch).
+        groups: custom groups instead of the preset's: a .toml/.json file or a list of
+            {name, pattern} (`presets.load_groups`); None: the preset's.
+        classifier: the group, or module, that is the classifier head (left out of
+            `overall`); None: the groups file's, else the one found by
+            `presets.classifier_name`.
+        key: picks the wrapped state dict ('state_dict_ema', ...) in checkpoints that
+            hold several, one name for every file or three (random, pretrained,
+            finetuned); None, for all or in one of the three: the default choice
+            ('state_dict', 'model_state_dict', 'model' or 'module').
+        strict: make tensors present only in θB (an adapter, a new buffer) an error
+            instead of leaving them out (listed in `excluded`). `groups`, `classifier`
+            and `strict` go to `make_plan`.
+    Returns:
+        TransferabilityResult: per group in network order `values` (T), `d_random`
+        (D(θr, θB)) and `d_pretrained` (D(θA, θB)), from float64 sums; `overall`;
+        `excluded` {tensor name: why it was left out}; the `classifier` group (None if
+        none); `metric`; `preset` ("custom" with `groups`); `warnings` (also issued as
+        RuntimeWarning).
+    Raises:
+        TransferFastError: an unknown metric, preset or backend, or a backend that cannot
+            reduce tensors on θB's device; a set that cannot be loaded (a missing,
+            unreadable, truncated, unsafe or tensor-less file, an object that is not a
+            path, module or mapping, a `key` that names no state dict, a `key` list not of
+            three); names that do not line up; a selected tensor missing from a set or of
+            another shape; a bad groups file or list, or a `classifier` that is neither a
+            group nor a module; preset "paper" for names not of a ResNet/DenseNet; no
+            tensor to compare; a NaN or Inf in a tensor.
+        OSError: a model folder, index file or groups file the system refuses to list or
+            read, or an I/O error while a .safetensors file is read (other read failures
+            are TransferFastError).
     """
     check_metric(metric)
     labels = [_label(r, s) for r, s in
@@ -200,7 +271,34 @@ def transferability_from_states(states: Sequence[dict[str, torch.Tensor]],
                                 classifier: str | None = None,
                                 strict: bool = False) -> TransferabilityResult:
     """`transferability` for loaded [θr, θA, θB] and a ready Plan (reused across models);
-    without one, `make_plan(states, preset, groups=, classifier=, strict=)` (cached)."""
+    without one, `make_plan(states, preset, groups=, classifier=, strict=)` (cached).
+
+    Args:
+        states: [θr, θA, θB], each {name: tensor} with names that already line up (no
+            prefixes are removed here: see `io.names.align_states`). The plan's tensors
+            (floating point as `make_plan` selects them; mixed dtypes are promoted) are
+            compared on the device of θB's first one; θr's and θA's are moved there.
+        plan: the tensors and groups to compare, e.g. `make_plan` of other files of the
+            same architecture; every set must hold its tensors with one shape. None:
+            made here from `preset`, `groups`, `classifier` and `strict`.
+        metric: the distance D, one of METRICS (as in `transferability`).
+        backend: "auto", "cpu", "cuda" or "torch" (as in `transferability`).
+        labels: the three sets' names in messages; None: ["random", "pretrained",
+            "finetuned"].
+        preset: the preset of the plan made when `plan` is None (ignored otherwise).
+        groups: custom groups of that plan, as in `transferability`.
+        classifier: the classifier group or module of that plan, as in `transferability`.
+        strict: as in `transferability`, for that plan.
+    Returns:
+        TransferabilityResult, as `transferability` (float64 sums; notes also issued as
+        RuntimeWarning).
+    Raises:
+        TransferFastError: an unknown metric, preset or backend, or a backend that cannot
+            reduce tensors on θB's device; a plan tensor missing from a set or of another
+            shape; a bad groups file or list or `classifier`, or no tensor to compare
+            (when the plan is made here); a NaN or Inf in a tensor.
+        OSError: a groups file the system refuses to read.
+    """
     labels = labels or ["random", "pretrained", "finetuned"]
     if plan is None:
         plan = make_plan(states, preset, labels=labels, groups=groups, classifier=classifier,

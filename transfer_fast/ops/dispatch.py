@@ -25,7 +25,13 @@ ALL_SUMS = frozenset(SUM_NAMES)
 
 
 def backend_status() -> dict[str, str]:
-    """'available' or the reason it is not, for each backend other than auto."""
+    """'available' or the reason it is not, for each backend other than auto.
+
+    Returns:
+        {"cpu": ..., "cuda": ..., "torch": "available"}: "available", or "unavailable: "
+        and why (the compiled library's load error, or "not built into the compiled
+        library"); "torch" (pure torch) is always available.
+    """
     status = {}
     for name, key in _DISPATCH_KEY.items():
         if _library.has_kernel(key):

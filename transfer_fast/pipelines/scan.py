@@ -185,19 +185,64 @@ def scan(finetuned=None, *, random=None, pretrained=None, manifest=None, out,
     Every checkpoint (fine-tuned, θr, θA) is a file (.safetensors, .pt/.pth/.bin), a
     Hugging Face model folder or a `*.index.json`; sharded ones are read shard by shard.
     Differing prefixes ('bert.' in one, none in another) are lined up per architecture.
-    `groups` (a .toml/.json file or a list of {name, pattern}), `classifier`, `strict`
-    go to `make_plan` and `key` picks the wrapped state dict in every torch file, as in
-    `transferability`; all four are recorded in the run folder's options.
 
     Resumable: checkpoints already measured (same resolved path, size and mtime, same
     θr and θA, same options) are skipped. A checkpoint that cannot be measured, or
-    that changes while it is read, becomes a `failed` row; the scan goes on.
-    `max_memory` bounds the bytes of targets in flight, two host buffers of K targets
-    (pinned on a GPU, whose one device buffer takes half as much again); default: a
-    quarter of the available RAM, at most 1 GiB, and at most half the free GPU memory.
-    It sets K, the targets per batch, and splits a model too large for it into parts;
-    neither changes a number. θr and θA are held packed besides (the plan's tensors).
-    The folder is locked while the scan runs: a second scan of it fails at once.
+    that changes while it is read, becomes a `failed` row; the scan goes on. θr and θA
+    are held packed besides the targets (the plan's tensors). The folder is locked
+    while the scan runs: a second scan of it fails at once. Under torchrun each rank
+    takes every world_size-th pending checkpoint and rank 0 writes the tables.
+
+    Args:
+        finetuned: the fine-tuned checkpoints θB (paths), when no `manifest` is given.
+        random: θr (a path) for every checkpoint; a manifest's `random` column, where
+            filled, overrides it per row.
+        pretrained: θA (a path) for every checkpoint; likewise the `pretrained` column.
+        manifest: a CSV file with a `path` column, optional `random`/`pretrained`
+            columns and any user columns (carried into results.csv); relative paths are
+            taken from its folder. Used instead of `finetuned` when given.
+        out: the run folder (created when missing; keyword, required).
+        preset: the grouping of tensors into layer groups, as in `transferability`.
+        metric: the distance D, one of METRICS, as in `transferability`.
+        backend: "auto" (a GPU when there is one, else the CPU; the compiled kernel
+            there, else pure torch), "cuda" (the GPU, an error without one), "cpu" or
+            "torch" (on the CPU).
+        groups: custom groups instead of the preset's: a .toml/.json file or a list of
+            {name, pattern}.
+        classifier: the classifier group or module, as in `transferability`.
+        key: picks the wrapped state dict in every torch file, as in `transferability`
+            (one name); None: the default choice.
+        strict: as in `transferability`. `groups`, `classifier`, `strict` go to
+            `make_plan`; these three and `key` are recorded in the run folder's options.
+        max_memory: bounds the bytes of targets in flight, two host buffers of K
+            targets (pinned on a GPU, whose one device buffer takes half as much again);
+            None (default): a quarter of the available RAM, at most 1 GiB, and at most
+            half the free GPU memory. It sets K, the targets per batch, and splits a
+            model too large for it into parts; neither changes a number.
+        pairwise: also write pairwise.csv (and, with `plots`, its figure): `similarity` of
+            the updates of up to 64 measured checkpoints that share the most common
+            grouping and the first one's θA (when there are 2 or more).
+        plots: write T_heatmap.png and T_curves.png (False: the tables only).
+        progress: show a progress bar of the checkpoints.
+    Returns:
+        ScanResult: the run folder and its results.csv and summary.csv, the counts
+        `done`, `failed` and `skipped` (measured before), this process's `rank`, every
+        checkpoint's record in manifest order, and the plan of the first architecture
+        measured (None when nothing was).
+    Raises:
+        TransferFastError: an unknown metric; a bad groups file or list; a manifest that
+            cannot be read, is not a UTF-8 CSV, lacks a `path` column, has an empty path
+            or user columns that collide with the result columns; no checkpoints,
+            duplicated paths, a checkpoint without θr or θA, or paths that do not exist
+            or are not files or folders (all reported at once); backend "cuda" without a
+            GPU; a run folder that would overwrite an input, is in use by another scan,
+            was made with other options, cannot be written, or holds a corrupt config or
+            journal; an unknown backend, or one that cannot run on the device; a table
+            or figure that cannot be written; with `pairwise`, an error of `similarity`.
+            Under torchrun, rank 0's folder errors are raised on every rank. A checkpoint
+            (or θr/θA) that cannot be read, planned or measured is a failed row instead.
+        OSError: a groups file or input model folder the system refuses to read or list
+            (and, with `pairwise`, as in `similarity`).
     """
     check_metric(metric)
     plan_options = {"strict": bool(strict), "key": key, "classifier": classifier}

@@ -60,25 +60,26 @@ def write_outputs(folder: RunFolder, rows: list[ScanRow], user_columns: list[str
                   fmt: str | None = None, selection: dict | None = None) -> None:
     """results.csv, summary.csv and excluded.csv, then T_heatmap and T_curves of the
     measured checkpoints that share the most common grouping (unless `plots` is off),
-    and pairwise.csv and the pairwise figure if asked. Figures are saved as `fmt`
+    and pairwise.csv (and, with `plots`, the pairwise figure) if asked. Figures are saved as `fmt`
     (png, pdf or svg; default: the enclosing `figure_format`, else png); `selection`
     (groups, classifier, key, strict) is the scan's, for the pairwise view."""
     folder.write_tables(rows, user_columns, records)
     ok = [(r, records[r.resolved]) for r in rows
           if r.resolved in records and records[r.resolved].status == "ok"]
-    if not ok or not plots:
+    if not ok:
         return
     fmt = check_format(fmt or _FORMAT.get())
     groups = Counter(tuple(rec.groups) for _, rec in ok).most_common(1)[0][0]
     same = [(row, rec) for row, rec in ok if tuple(rec.groups) == groups]
     labels = row_labels([row for row, _ in same])
-    values = [[float(v) for v in rec.T] for _, rec in same]
-    save_figure(heatmap_figure(labels, list(groups), values,
-                               title=f"T per group, {len(same)} checkpoints"),
-                figure_path(folder.out, "T_heatmap", fmt))
-    save_figure(group_curves_figure(labels, list(groups), values),
-                figure_path(folder.out, "T_curves", fmt))
-    if pairwise and len(same) >= 2:
+    if plots:
+        values = [[float(v) for v in rec.T] for _, rec in same]
+        save_figure(heatmap_figure(labels, list(groups), values,
+                                   title=f"T per group, {len(same)} checkpoints"),
+                    figure_path(folder.out, "T_heatmap", fmt))
+        save_figure(group_curves_figure(labels, list(groups), values),
+                    figure_path(folder.out, "T_curves", fmt))
+    if pairwise and len(same) >= 2:  # a table: written with or without the figures
         reference = same[0][0].pretrained
         members = [(row, label) for (row, _), label in zip(same, labels)
                    if row.pretrained == reference][:MAX_PAIRWISE]
@@ -86,4 +87,5 @@ def write_outputs(folder: RunFolder, rows: list[ScanRow], user_columns: list[str
                          backend=backend, labels=[label for _, label in members],
                          **(selection or {}))
         sim.write_csv(folder.out / "pairwise.csv")
-        sim.plot(figure_path(folder.out, "pairwise", fmt))
+        if plots:
+            sim.plot(figure_path(folder.out, "pairwise", fmt))
