@@ -264,8 +264,9 @@ def multi_tensor_distance(anchors: Sequence[Sequence[torch.Tensor]],
     Every tensor must be a floating dtype on the device of anchors[0][0] (the
     dispatcher sends anything else to reference.py). float64 inputs are reduced in
     float64, the rest in float32. `sums`: the columns the caller needs; when they are
-    only difference sums, the others are not computed (NaN) and tensors of at least
-    IN_PLACE_NUMEL elements of the compute dtype are read where they lie.
+    only difference sums, the products and squares are not computed (NaN) and tensors
+    of at least IN_PLACE_NUMEL elements of the compute dtype are read where they lie.
+    Columns outside `sums` may hold values or NaN; the dispatcher makes them NaN.
     """
     A, K, T = len(anchors), len(targets), len(anchors[0])
     if T == 0:
