@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .measure.presets import classifier_name
+from .ops.packed import PackedLayout
 
 
 def _bn(prefix: str, c: int) -> Iterator[tuple[str, tuple]]:
@@ -280,8 +281,6 @@ def sample_inputs(op: str, device: str | torch.device = "cpu") -> list[tuple]:
     the float64 reference, and `torch.library.opcheck` checks them, on every device.
     op: 'multi_tensor_distance', 'packed_distance', 'packed_chunks' or 'channel_stats'.
     """
-    from .ops.packed import PackedLayout
-
     def flat(a_sets, b_sets):
         return ([t for s in a_sets for t in s], [t for s in b_sets for t in s], len(a_sets[0]))
 

@@ -6,8 +6,9 @@ from conftest import backend_of
 
 from transfer_fast import ops
 from transfer_fast.ops import reference
+from transfer_fast.testing import KERNEL_CHUNK
 
-CHUNK = 1 << 16  # kChunkElems in csrc/common/distance_sums.h
+CHUNK = KERNEL_CHUNK  # kChunkElems in csrc/common/distance_sums.h
 # Sizes around vector widths, the CPU block (1024) and the chunk edge, and empty.
 EDGE_SIZES = [0, 1, 3, 7, 8, 9, 31, 33, 1023, 1024, 1025, CHUNK - 1, CHUNK, CHUNK + 1,
               2 * CHUNK + 5, 300_007]

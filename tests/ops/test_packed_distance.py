@@ -10,8 +10,9 @@ from conftest import backend_of
 from transfer_fast import TransferFastError
 from transfer_fast.ops import _library as _ext
 from transfer_fast.ops import packed
+from transfer_fast.testing import KERNEL_CHUNK
 
-CHUNK = 1 << 16  # kChunkElems in csrc/common/distance_sums.h
+CHUNK = KERNEL_CHUNK  # kChunkElems in csrc/common/distance_sums.h
 # Around vector widths, the CPU block (1024), the chunk edge; empty, scalar, odd shapes.
 EDGE_SHAPES = [(0,), (), (1,), (3,), (7,), (3, 5, 1), (1023,), (1025,), (CHUNK - 1,), (CHUNK,),
                (CHUNK + 1,), (2 * CHUNK + 5,), (0, 4), (9, 11, 3)]

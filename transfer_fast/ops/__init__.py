@@ -6,12 +6,12 @@ rest of the package calls these functions only.
 """
 
 from .dispatch import (
-                       BACKENDS,
-                       KERNEL_DTYPES,
-                       SUM_NAMES,
-                       backend_status,
-                       channel_stats,
-                       multi_tensor_distance,
+    BACKENDS,
+    KERNEL_DTYPES,
+    SUM_NAMES,
+    backend_status,
+    channel_stats,
+    multi_tensor_distance,
 )
 from .packed import PackedLayout, packed_distance
 

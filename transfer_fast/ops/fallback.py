@@ -140,19 +140,20 @@ def _sources(sets: Sequence[Sequence[torch.Tensor]], plan: _Staging, what: str
              ) -> list[list[torch.Tensor]]:
     """Each set's tensors in the plan's shapes (a reshaped view where only the shape
     differs), checked element counts; refused with the tensor's index otherwise."""
-    out = []
+    _check_numels(sets, what, plan.shapes)
+    return [[x if x.shape == shape else x.reshape(shape) for x, shape in zip(tensors, plan.shapes)]
+            for tensors in sets]
+
+
+def _check_numels(sets: Sequence[Sequence[torch.Tensor]], what: str,
+                  shapes: Sequence[torch.Size]) -> None:
+    """Every set's tensor t has as many elements as `shapes[t]` (anchor set 0's)."""
     for i, tensors in enumerate(sets):
-        row = []
-        for t, (x, shape) in enumerate(zip(tensors, plan.shapes)):
-            if x.shape != shape:
-                if x.numel() != plan.numels[t]:
-                    raise TransferFastError(f"tensor {t}: anchor set 0 has shape "
-                                            f"{tuple(shape)}, {what} set {i} has "
-                                            f"{tuple(x.shape)}")
-                x = x.reshape(shape)
-            row.append(x)
-        out.append(row)
-    return out
+        for t, (x, shape) in enumerate(zip(tensors, shapes)):
+            if x.numel() != shape.numel():
+                raise TransferFastError(f"tensor {t}: anchor set 0 has shape "
+                                        f"{tuple(shape)}, {what} set {i} has "
+                                        f"{tuple(x.shape)}")
 
 
 def _staged_sums(anchors: Sequence[Sequence[torch.Tensor]],
@@ -176,6 +177,7 @@ def _staged_sums(anchors: Sequence[Sequence[torch.Tensor]],
 
     if not plan.chunks:  # every tensor is empty
         return torch.zeros(A, K, T, 5, dtype=torch.float64, device=device)
+    # Without the Gram matrices the products and squares stay NaN (not computed).
     out = torch.full((A, K, T, 5), torch.nan, dtype=torch.float64, device=device)
     with plan.lock:
         for c in plan.chunks:
@@ -244,16 +246,6 @@ def _difference_sums_in_place(anchors: Sequence[Sequence[torch.Tensor]],
     return torch.stack([l1, l2], dim=-1).permute(1, 2, 0, 3)
 
 
-def _check_numels(sets: Sequence[Sequence[torch.Tensor]], what: str,
-                  reference: Sequence[torch.Tensor]) -> None:
-    for i, tensors in enumerate(sets):
-        for t, (x, ref) in enumerate(zip(tensors, reference)):
-            if x.numel() != ref.numel():
-                raise TransferFastError(f"tensor {t}: anchor set 0 has shape "
-                                        f"{tuple(ref.shape)}, {what} set {i} has "
-                                        f"{tuple(x.shape)}")
-
-
 @torch.no_grad()
 def multi_tensor_distance(anchors: Sequence[Sequence[torch.Tensor]],
                           targets: Sequence[Sequence[torch.Tensor]],
@@ -277,8 +269,9 @@ def multi_tensor_distance(anchors: Sequence[Sequence[torch.Tensor]],
     wanted = frozenset(sums)
     if not wanted <= DIFFERENCE_SUMS:
         return _staged_sums(anchors, targets, dtype, gram=True)
-    _check_numels(anchors, "anchor", anchors[0])
-    _check_numels(targets, "target", anchors[0])
+    shapes = [x.shape for x in anchors[0]]
+    _check_numels(anchors, "anchor", shapes)
+    _check_numels(targets, "target", shapes)
     in_place = [t for t in range(T) if anchors[0][t].numel() >= IN_PLACE_NUMEL
                 and all(s[t].dtype == dtype for s in sets)]
     if not in_place:
